@@ -1,0 +1,3 @@
+"""bulkdet: offline bulk object detection over packed image archives."""
+
+__version__ = "0.1.0"

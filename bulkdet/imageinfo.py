@@ -1,0 +1,71 @@
+"""Format, size and EXIF orientation from an image's header, without decoding pixels."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+# Pillow's own bomb guard would raise before we can give a clean `too_large` status;
+# bulkdet applies its own limit (--max-pixels) from the header instead.
+Image.MAX_IMAGE_PIXELS = None
+
+# Pillow 'format' -> our lowercase name. DALI's decoder reads all of these except GIF,
+# which the decoder's fallback handles.
+SUPPORTED_FORMATS = {
+    "JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "BMP": "bmp", "TIFF": "tiff",
+    "WEBP": "webp", "GIF": "gif", "PPM": "pnm", "JPEG2000": "jpeg2000",
+}
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS (~89.5 Mpx)
+EXIF_ORIENTATION = 0x0112
+
+
+class ImageError(Exception):
+    """An input that is not a usable image; `status` is the images-table status."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int  # upright, i.e. after applying the EXIF orientation
+    height: int
+    orientation: int  # EXIF 1..8; 1 when absent
+
+
+def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read an encoded image's header. Raises ImageError with a status on bad input."""
+    if not data:
+        raise ImageError("unsupported", "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
+                width, height = im.size
+                try:
+                    orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))
+                except Exception:  # a broken EXIF block is not a broken image
+                    orientation = 1
+    except Image.UnidentifiedImageError:
+        raise ImageError("unsupported", "not a recognised image format") from None
+    except Exception as exc:
+        raise ImageError("unsupported", f"unreadable image header: {exc}") from None
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageError("unsupported", f"image format {fmt} is not supported")
+    if width <= 0 or height <= 0:
+        raise ImageError("unsupported", f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageError(
+            "too_large", f"{width}x{height} = {width * height} pixels exceeds --max-pixels {max_pixels}"
+        )
+    if orientation not in range(1, 9):
+        orientation = 1
+    if orientation >= 5:  # 5..8 transpose the image: stored width is upright height
+        width, height = height, width
+    return ImageInfo(SUPPORTED_FORMATS[fmt], width, height, orientation)

@@ -1,0 +1,282 @@
+"""`bulkdet run`: wires read -> decode -> infer -> postprocess/write with threads and bounded queues."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from bulkdet import __version__
+from bulkdet.atomic import write_json_atomic
+from bulkdet.decode import Decoder
+from bulkdet.engines import create_engine
+from bulkdet.metrics import BatchTimes, MetricsRecorder
+from bulkdet.models import load_model_info
+from bulkdet.plan import Batch, plan_batches
+from bulkdet.postprocess import postprocess
+from bulkdet.sink import RunSink, prepare_run_dir, read_images
+from bulkdet.store.manifest import read_manifest
+from bulkdet.store.shards import ShardReader
+
+log = logging.getLogger("bulkdet")
+QUEUE_SIZE = 2  # batches waiting between two stages: enough to overlap, bounded memory
+
+
+@dataclass
+class RunConfig:
+    dataset: Path
+    model: Path
+    out: Path
+    device: str = "auto"
+    backend: str = "auto"
+    imgsz: int = 640
+    max_batch: int = 32
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 300
+    names: Path | None = None
+    precision: str = "fp32"
+    overwrite: bool = False
+    dali_threads: int | None = None
+    infer_threads: int | None = None
+    commit_images: int = 4096
+    quiet: bool = False
+
+
+@dataclass
+class RunSummary:
+    images: int
+    failed: int
+    detections: int
+    by_status: dict
+    wall_s: float
+    processed: int  # images decoded and inferred in this invocation (not resumed ones)
+    stage_s: dict = field(default_factory=dict)
+
+
+class _Work:
+    """One batch travelling through the stages; each stage fills in its part."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+        self.encoded = None
+        self.decoded = None
+        self.outputs = None
+        self.detections = None
+        self.times = BatchTimes()
+
+
+_END = object()
+
+
+class _StagePipeline:
+    """Threads connected by bounded queues; the first error or a stop request ends them all."""
+
+    def __init__(self, stages: list[tuple[str, callable]], on_done=None):
+        self.stages = stages
+        self.on_done = on_done  # called with each item after the last stage
+        self.queues = [queue.Queue(QUEUE_SIZE) for _ in stages]
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def _put(self, q: queue.Queue, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, q: queue.Queue):
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _END
+
+    def _worker(self, index: int):
+        name, fn = self.stages[index]
+        inq = self.queues[index]
+        outq = self.queues[index + 1] if index + 1 < len(self.stages) else None
+        try:
+            while True:
+                work = self._get(inq)
+                if work is _END:
+                    break
+                work.times.queue_depth[name] = inq.qsize()
+                work.times.start[name] = time.perf_counter()
+                fn(work)
+                work.times.end[name] = time.perf_counter()
+                if outq is None:
+                    if self.on_done:
+                        self.on_done(work)
+                elif not self._put(outq, work):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self.errors.append(exc)
+            self.stop.set()
+            return
+        if outq is not None:
+            self._put(outq, _END)
+
+    def run(self, items) -> None:
+        threads = [threading.Thread(target=self._worker, args=(i,), name=f"bulkdet-{n}", daemon=True)
+                   for i, (n, _) in enumerate(self.stages)]
+        for t in threads:
+            t.start()
+        try:
+            for item in items:
+                if not self._put(self.queues[0], item):
+                    break
+            self._put(self.queues[0], _END)
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.2)
+        except KeyboardInterrupt:
+            self.stop.set()
+            for t in threads:
+                t.join()
+            raise
+        if self.errors:
+            raise self.errors[0]
+
+
+def resolve_device(device: str) -> str:
+    if device in ("auto", "cpu"):
+        return "cpu"
+    raise RuntimeError("--device gpu: no usable GPU backend in this build; use --device cpu")
+
+
+def environment() -> dict:
+    import nvidia.dali
+    import onnxruntime
+    import pyarrow
+
+    return {"bulkdet": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "numpy": np.__version__, "pyarrow": pyarrow.__version__,
+            "dali": nvidia.dali.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def run(cfg: RunConfig) -> RunSummary:
+    t_start = time.time()
+    model = load_model_info(cfg.model, cfg.names)
+    device = resolve_device(cfg.device)
+    input_hw = model.fixed_shape or (_round_up(cfg.imgsz, model.stride),) * 2
+    max_batch = model.batch or cfg.max_batch
+    fingerprint = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
+                   "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names}
+    done = prepare_run_dir(cfg.out, fingerprint, cfg.overwrite)
+    run_id = uuid.uuid4().hex[:12]
+    metadata = {"bulkdet.run_id": run_id, "bulkdet.version": __version__, "model_sha256": model.sha256,
+                "conf": cfg.conf, "iou": cfg.iou, "imgsz": cfg.imgsz, "precision": cfg.precision}
+    run_json = {"run_id": run_id, "state": "running", "started": t_start,
+                "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+                "model": {"path": str(cfg.model), "sha256": model.sha256, "names": model.names,
+                          "input_hw": input_hw, "input_dtype": np.dtype(model.input_dtype).name},
+                "environment": environment()}
+    write_json_atomic(run_json, cfg.out / "run.json")
+
+    manifest = read_manifest(cfg.dataset)
+    if done:
+        manifest = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa_array(done))))
+    is_ok = pc.equal(manifest.column("status"), "ok")
+    bad = manifest.filter(pc.invert(is_ok))
+    good = manifest.filter(is_ok)
+    batches = plan_batches(good, input_hw, max_batch)
+
+    engine = create_engine("onnxruntime", cfg.model, device=device, threads=cfg.infer_threads)
+    log.info("device=%s backend=%s provider=%s input=%s batches=%d", device, engine.name, engine.provider,
+             input_hw, len(batches))
+    decoder = Decoder(device, max_batch, cfg.dali_threads, out_dtype=model.input_dtype)
+    reader = ShardReader(Path(cfg.dataset) / "shards")
+    sink = RunSink(cfg.out, model.names, metadata, cfg.commit_images)
+    metrics = MetricsRecorder(device)
+    if len(bad):
+        sink.add_images(bad.column("image_id").to_pylist(), bad.column("path").to_pylist(),
+                        bad.column("width").to_pylist(), bad.column("height").to_pylist(),
+                        bad.column("status").to_pylist(), bad.column("error").to_pylist(), [None] * len(bad))
+
+    progress = _progress(len(good), cfg.quiet)
+
+    def read(work: _Work):
+        work.encoded = reader.get_many(work.batch.shard, work.batch.keys)
+
+    def decode(work: _Work):
+        missing = {i: "bytes missing from shard" for i, data in enumerate(work.encoded) if data is None}
+        encoded = [data if data is not None else b"" for data in work.encoded]
+        work.decoded = decoder.decode(work.batch, encoded)
+        work.decoded.errors.update(missing)
+
+    def infer(work: _Work):
+        work.outputs = engine.infer(work.decoded.tensor)
+
+    def post(work: _Work):
+        work.detections = postprocess(work.outputs[0], work.batch, len(model.names) or None, cfg.conf,
+                                      cfg.iou, cfg.max_det, model.end2end)
+
+    def write(work: _Work):
+        batch, errors = work.batch, work.decoded.errors
+        status = ["decode_error" if i in errors else "ok" for i in range(len(batch))]
+        sink.add_images(batch.image_ids, batch.paths, batch.width, batch.height, status,
+                        [errors.get(i) for i in range(len(batch))],
+                        [None if i in errors else d for i, d in enumerate(work.detections)])
+        progress.failed += len(errors)
+        progress.update(len(batch))
+        if errors:
+            progress.set_postfix(failed=progress.failed, refresh=False)
+
+    def record(work: _Work):
+        metrics.record(work.batch, work.times, len(work.decoded.errors))
+
+    pipeline = _StagePipeline([("read", read), ("decode", decode), ("infer", infer),
+                               ("postprocess", post), ("write", write)], on_done=record)
+    try:
+        pipeline.run(_Work(b) for b in batches)
+    finally:
+        # Rows already buffered are complete results: commit them so a re-run resumes after them.
+        sink.close()
+        progress.close()
+        reader.close()
+    metrics.write(cfg.out / "metrics.parquet")
+
+    statuses = read_images(cfg.out, ["status", "n_det"])
+    by_status = Counter(statuses.column("status").to_pylist())
+    summary = RunSummary(
+        images=len(statuses), failed=len(statuses) - by_status.get("ok", 0),
+        detections=int(pc.sum(statuses.column("n_det")).as_py() or 0), by_status=dict(by_status),
+        wall_s=time.time() - t_start, processed=len(good), stage_s=metrics.stage_totals())
+    run_json.update(state="complete", finished=time.time(), totals=asdict(summary),
+                    device=device, backend=engine.name, provider=engine.provider)
+    write_json_atomic(run_json, cfg.out / "run.json")
+    return summary
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(sorted(values), pa.int64())
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="img", desc="run", disable=quiet, dynamic_ncols=True)
+    bar.failed = 0
+    return bar

@@ -1,0 +1,1 @@
+"""On-disk stores: LMDB shards of encoded images and the Parquet manifest."""

@@ -1,0 +1,40 @@
+"""The dataset manifest: one row per file found by `pack`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bulkdet.atomic import write_parquet_atomic
+
+MANIFEST_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("path", pa.string()),  # relative to the packed source folder
+    ("shard", pa.int32()),  # -1 when the file's bytes are not stored (non-ok status)
+    ("key", pa.binary()),  # sha256 of the bytes; the LMDB key
+    ("bytes", pa.int64()),
+    ("format", pa.string()),
+    ("width", pa.int32()),  # upright (EXIF orientation applied)
+    ("height", pa.int32()),
+    ("orientation", pa.int8()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+])
+
+
+def manifest_path(dataset_dir: Path) -> Path:
+    return Path(dataset_dir) / "manifest.parquet"
+
+
+def read_manifest(dataset_dir: Path) -> pa.Table:
+    path = manifest_path(dataset_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {dataset_dir} a dataset made by `bulkdet pack`?")
+    return pq.read_table(path, schema=MANIFEST_SCHEMA)
+
+
+def write_manifest(dataset_dir: Path, rows: list[dict]) -> Path:
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).sort_by("image_id")
+    return write_parquet_atomic(table, manifest_path(dataset_dir))
