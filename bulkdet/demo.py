@@ -257,9 +257,11 @@ def write_image(path, width: int, height: int, rects, fmt: str = "jpeg",
     return path
 
 
-def make_demo_images(out_dir, n: int = 48, seed: int = 0) -> list[dict]:
-    """Write a deterministic, varied demo set plus ``truth.json`` into ``out_dir``.
+def make_demo_images(out_dir, n: int = 48, seed: int = 0, truth_path=None) -> list[dict]:
+    """Write a deterministic, varied demo set into ``out_dir``, the truth to ``truth_path``.
 
+    ``truth_path`` defaults to ``truth.json`` beside ``out_dir`` (not inside: it would be
+    packed as an input).
     Sizes 64..2000 px (square, very tall, very wide, random), JPEG and PNG, EXIF
     orientations 1/3/6/8, 1-3 rectangles each, some files in sub-folders.
     Returns the truth list: {"path", "width", "height", "orientation",
@@ -292,5 +294,41 @@ def make_demo_images(out_dir, n: int = 48, seed: int = 0) -> list[dict]:
         truth.append({"path": str(rel), "width": w, "height": h,
                       "orientation": orientation,
                       "rects": [r.as_list() for r in rects]})
-    (out_dir / "truth.json").write_text(json.dumps(truth, indent=1))
+    truth_path = pathlib.Path(truth_path or out_dir.parent / "truth.json")
+    truth_path.write_text(json.dumps(truth, indent=1))
     return truth
+
+
+def box_tolerance(width: int, height: int, imgsz: int = 640) -> float:
+    """Corner tolerance in original pixels: resizing to imgsz blurs edges by ~1 input pixel."""
+    return max(2.0, 2.5 * max(width, height) / imgsz)
+
+
+def compare_with_truth(truth: list[dict], detections: list[dict], imgsz: int = 640) -> list[str]:
+    """Every truth rectangle found once, right class, corners within tolerance, nothing extra.
+
+    `detections` are rows with path, class_id, x1, y1, x2, y2. Returns the problems found.
+    """
+    by_path: dict[str, list[dict]] = {}
+    for d in detections:
+        by_path.setdefault(d["path"], []).append(d)
+    problems = []
+    for t in truth:
+        tol = box_tolerance(t["width"], t["height"], imgsz)
+        dets = by_path.pop(t["path"], [])
+        found = {d["class_id"]: d for d in dets}
+        if len(found) != len(dets):
+            problems.append(f"{t['path']}: {len(dets) - len(found)} duplicate box(es)")
+        expected = {r[0]: r[1:] for r in t["rects"]}
+        for cls in sorted(set(found) | set(expected)):
+            if cls not in found:
+                problems.append(f"{t['path']}: missed {CLASS_NAMES[cls]} {expected[cls]}")
+            elif cls not in expected:
+                problems.append(f"{t['path']}: extra {CLASS_NAMES[cls]} box")
+            else:
+                d = found[cls]
+                err = max(abs(a - b) for a, b in zip((d["x1"], d["y1"], d["x2"], d["y2"]), expected[cls]))
+                if err > tol:
+                    problems.append(f"{t['path']}: {CLASS_NAMES[cls]} corner off by {err:.1f} px (tolerance {tol:.1f})")
+    problems += [f"{p}: detections for an image not in the truth" for p in by_path]
+    return problems

@@ -51,6 +51,7 @@ class RunConfig:
     dali_threads: int | None = None
     infer_threads: int | None = None
     commit_images: int = 4096
+    shards: list[int] | None = None  # only these shards (a scale-out worker's share)
     quiet: bool = False
 
 
@@ -192,6 +193,8 @@ def run(cfg: RunConfig) -> RunSummary:
     manifest = read_manifest(cfg.dataset)
     if done:
         manifest = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa_array(done))))
+    if cfg.shards is not None:
+        manifest = manifest.filter(pc.is_in(manifest.column("shard"), pa_array(cfg.shards).cast("int32")))
     is_ok = pc.equal(manifest.column("status"), "ok")
     bad = manifest.filter(pc.invert(is_ok))
     good = manifest.filter(is_ok)
@@ -205,7 +208,7 @@ def run(cfg: RunConfig) -> RunSummary:
     sink = RunSink(cfg.out, model.names, metadata, cfg.commit_images)
     metrics = MetricsRecorder(device)
     if len(bad):
-        sink.add_images(bad.column("image_id").to_pylist(), bad.column("path").to_pylist(),
+        sink.add_images(-1, bad.column("image_id").to_pylist(), bad.column("path").to_pylist(),
                         bad.column("width").to_pylist(), bad.column("height").to_pylist(),
                         bad.column("status").to_pylist(), bad.column("error").to_pylist(), [None] * len(bad))
 
@@ -230,7 +233,7 @@ def run(cfg: RunConfig) -> RunSummary:
     def write(work: _Work):
         batch, errors = work.batch, work.decoded.errors
         status = ["decode_error" if i in errors else "ok" for i in range(len(batch))]
-        sink.add_images(batch.image_ids, batch.paths, batch.width, batch.height, status,
+        sink.add_images(batch.shard, batch.image_ids, batch.paths, batch.width, batch.height, status,
                         [errors.get(i) for i in range(len(batch))],
                         [None if i in errors else d for i, d in enumerate(work.detections)])
         progress.failed += len(errors)

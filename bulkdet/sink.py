@@ -43,8 +43,17 @@ DETECTIONS_SCHEMA = pa.schema([
     ("x2", pa.float32()),
     ("y2", pa.float32()),
 ])
-PART_NAME = "part-{:06d}.parquet"
-_PART_RE = re.compile(r"part-(\d{6})\.parquet$")
+# Parts are named by shard (the unit of work), so workers on different shards never collide;
+# images with no stored bytes (failed at pack) go to "unstored" parts.
+_PART_RE = re.compile(r"part-(s\d{5}|unstored)-(\d{5})\.parquet$")
+
+
+def _label(shard: int) -> str:
+    return "unstored" if shard < 0 else f"s{shard:05d}"
+
+
+def part_name(shard: int, seq: int) -> str:
+    return f"part-{_label(shard)}-{seq:05d}.parquet"
 
 
 def images_parts(run_dir: Path) -> list[Path]:
@@ -121,16 +130,27 @@ class RunSink:
         self.names = names
         self.metadata = {k: str(v) for k, v in metadata.items()}
         self.commit_images = commit_images
-        existing = [int(_PART_RE.search(p.name).group(1)) for p in images_parts(run_dir)]
-        self.next_part = max(existing, default=-1) + 1
+        self.next_seq: dict[str, int] = {}  # part label -> next sequence number
+        for p in images_parts(run_dir):
+            m = _PART_RE.search(p.name)
+            if m:
+                self.next_seq[m.group(1)] = max(self.next_seq.get(m.group(1), 0), int(m.group(2)) + 1)
+        self.shard: int | None = None  # shard of the rows buffered now
         self.journal = open(self.run_dir / "journal.jsonl", "a")
         self._images: list[pa.Table] = []
         self._detections: list[pa.Table] = []
         self.buffered = 0
         self.committed_parts = 0
 
-    def add_images(self, image_ids, paths, width, height, status, error, detections: list[Detections | None]):
-        """One row per image; `detections[i]` is None for an image that failed."""
+    def add_images(self, shard: int, image_ids, paths, width, height, status, error,
+                   detections: list[Detections | None]):
+        """One row per image; `detections[i]` is None for an image that failed.
+
+        A part holds rows of one shard only: a new shard commits the rows of the last.
+        """
+        if self.shard is not None and shard != self.shard:
+            self.commit()
+        self.shard = shard
         n_det = np.array([len(d) if d is not None else 0 for d in detections], np.int32)
         self._images.append(pa.table({
             "image_id": pa.array(image_ids, pa.int64()), "path": pa.array(paths, pa.string()),
@@ -163,7 +183,9 @@ class RunSink:
     def commit(self) -> None:
         if not self._images:
             return
-        name = PART_NAME.format(self.next_part)
+        label = _label(self.shard)
+        seq = self.next_seq.get(label, 0)
+        name = part_name(self.shard, seq)
         meta = {**self.metadata, "bulkdet.part": name}
         images = pa.concat_tables(self._images)
         dets = (pa.concat_tables(self._detections).unify_dictionaries() if self._detections
@@ -178,7 +200,7 @@ class RunSink:
                                        "detections": len(dets), "time": time.time()}) + "\n")
         self.journal.flush()
         os.fsync(self.journal.fileno())
-        self.next_part += 1
+        self.next_seq[label] = seq + 1
         self.committed_parts += 1
         self._images.clear()
         self._detections.clear()

@@ -1,0 +1,3 @@
+from bulkdet.cli import app
+
+app()
