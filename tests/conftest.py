@@ -1,0 +1,68 @@
+"""Shared fixtures: small real data (Pillow images, the analytic ONNX detector), CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bulkdet.cli import app
+from bulkdet.demo import build_analytic_detector, random_rects, write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip, with the reason, on machines without an NVIDIA GPU."""
+    try:
+        import cupy  # noqa: F401
+
+        has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        has_gpu = os.path.exists("/dev/nvidia0")
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU; none on this machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def analytic_model(tmp_path_factory) -> Path:
+    """The exact red/green/blue rectangle detector (YOLOv8 layout, dynamic B/H/W)."""
+    return build_analytic_detector(tmp_path_factory.mktemp("model") / "analytic.onnx")
+
+
+def make_images(folder: Path, specs, seed: int = 0) -> list[dict]:
+    """Write images from (relpath, width, height, fmt, orientation) specs; returns their truth."""
+    rng = np.random.default_rng(seed)
+    truth = []
+    for i, (rel, w, h, fmt, orientation) in enumerate(specs):
+        rects = random_rects(w, h, int(rng.integers(1, 4)), rng)
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_image(folder / rel, w, h, rects, fmt=fmt, orientation=orientation, seed=seed * 1000 + i)
+        truth.append({"path": rel, "width": w, "height": h, "rects": [r.as_list() for r in rects]})
+    return truth
+
+
+@pytest.fixture
+def cli():
+    """Runs `bulkdet ARGS...` in-process; returns the typer Result (exit_code, output)."""
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def run_bulkdet(*args, **kwargs) -> subprocess.CompletedProcess:
+    """Runs bulkdet in a child process (for kill / exit-code tests)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "bulkdet", *map(str, args)], env=env,
+                          capture_output=True, text=True, **kwargs)
