@@ -23,7 +23,7 @@ from bulkdet.decode import Decoder
 from bulkdet.engines import create_engine
 from bulkdet.metrics import BatchTimes, MetricsRecorder
 from bulkdet.models import load_model_info
-from bulkdet.plan import Batch, plan_batches
+from bulkdet.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, plan
 from bulkdet.postprocess import postprocess
 from bulkdet.sink import RunSink, prepare_run_dir, read_images
 from bulkdet.store.manifest import read_manifest
@@ -53,6 +53,8 @@ class RunConfig:
     commit_images: int = 4096
     shards: list[int] | None = None  # only these shards (a scale-out worker's share)
     quiet: bool = False
+    pixel_budget: int | None = None  # input pixels per batch (None: default_pixel_budget)
+    decode_budget: int | None = None  # original pixels decoded at once (None: DEFAULT_DECODE_BUDGET)
 
 
 @dataclass
@@ -177,6 +179,7 @@ def run(cfg: RunConfig) -> RunSummary:
     device = resolve_device(cfg.device)
     input_hw = model.fixed_shape or (_round_up(cfg.imgsz, model.stride),) * 2
     max_batch = model.batch or cfg.max_batch
+    dali_threads, infer_threads = default_threads(device, cfg.dali_threads, cfg.infer_threads)
     fingerprint = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                    "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names}
     done = prepare_run_dir(cfg.out, fingerprint, cfg.overwrite)
@@ -198,12 +201,16 @@ def run(cfg: RunConfig) -> RunSummary:
     is_ok = pc.equal(manifest.column("status"), "ok")
     bad = manifest.filter(pc.invert(is_ok))
     good = manifest.filter(is_ok)
-    batches = plan_batches(good, input_hw, max_batch)
+    batches = plan(good, cfg.imgsz, max_batch, stride=model.stride, fixed_hw=model.fixed_shape,
+                   pixel_budget=cfg.pixel_budget or default_pixel_budget(device, input_hw[0], max_batch),
+                   decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
+    run_json.update(plan=batches.stats, threads={"dali": dali_threads, "infer": infer_threads})
 
-    engine = create_engine("onnxruntime", cfg.model, device=device, threads=cfg.infer_threads)
-    log.info("device=%s backend=%s provider=%s input=%s batches=%d", device, engine.name, engine.provider,
-             input_hw, len(batches))
-    decoder = Decoder(device, max_batch, cfg.dali_threads, out_dtype=model.input_dtype)
+    engine = create_engine("onnxruntime", cfg.model, device=device, threads=infer_threads)
+    log.info("device=%s backend=%s provider=%s buckets=%s batches=%d threads dali=%d infer=%d", device,
+             engine.name, engine.provider, ",".join(batches.stats["images_per_bucket"]) or "-", len(batches),
+             dali_threads, infer_threads)
+    decoder = Decoder(device, int(batches.batch_sizes().max(initial=1)), dali_threads, out_dtype=model.input_dtype)
     reader = ShardReader(Path(cfg.dataset) / "shards")
     sink = RunSink(cfg.out, model.names, metadata, cfg.commit_images)
     metrics = MetricsRecorder(device)
@@ -265,6 +272,27 @@ def run(cfg: RunConfig) -> RunSummary:
                     device=device, backend=engine.name, provider=engine.provider)
     write_json_atomic(run_json, cfg.out / "run.json")
     return summary
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (the affinity mask, not the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(device: str, dali: int | None = None, infer: int | None = None) -> tuple[int, int]:
+    """(DALI threads, ONNX Runtime intra-op threads); values given are kept.
+
+    On CPU, decoding is about a tenth of the model's work (see docs/performance.md), so
+    DALI gets an eighth of the cores (at least one) and ONNX Runtime gets them all: the
+    two share the cores. On GPU the CPU only decodes, so DALI gets all the cores.
+    """
+    cores = usable_cores()
+    if device == "gpu":
+        return dali or cores, infer or cores
+    return dali or max(1, cores // 8), infer or cores
 
 
 def pa_array(values):
