@@ -56,8 +56,12 @@ def run(
     names: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Class names file (one per line, or JSON)."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 | int8"),
     overwrite: bool = typer.Option(False, help="Replace a previous run in --out made with other settings."),
-    dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: all cores)."),
+    dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: an eighth of the cores on CPU, all on GPU)."),
     infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
+    pixel_budget: Optional[int] = typer.Option(
+        None, min=1, help="Most input pixels (padded) in one batch (default: 8 square inputs on CPU, --max-batch on GPU)."),
+    decode_budget: Optional[int] = typer.Option(
+        None, min=1, help="Most original pixels decoded at once; bigger batches are split (default: 64e6)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
@@ -71,7 +75,8 @@ def run(
         if value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"--{name}")
     cfg = RunConfig(dataset_dir, model, out, device, backend, imgsz, max_batch, conf, iou, max_det, names,
-                    precision, overwrite, dali_threads, infer_threads, quiet=quiet)
+                    precision, overwrite, dali_threads, infer_threads, quiet=quiet,
+                    pixel_budget=pixel_budget, decode_budget=decode_budget)
     try:
         s = do_run(cfg)
     except (ConfigMismatch, FileNotFoundError, ValueError, RuntimeError) as exc:
