@@ -149,7 +149,7 @@ class Detect(nn.Module):
 
     def __init__(self, nc: int, ch: tuple[int, ...]):
         super().__init__()
-        self.nc, self.no = nc, nc + 4 * REG_MAX
+        self.nc = nc
         c2 = max(16, ch[0] // 4, 4 * REG_MAX)
         c3 = max(ch[0], min(nc, 100))
         self.cv2 = nn.ModuleList(
