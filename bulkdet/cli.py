@@ -56,8 +56,9 @@ def run(
     names: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Class names file (one per line, or JSON)."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 | int8"),
     overwrite: bool = typer.Option(False, help="Replace a previous run in --out made with other settings."),
-    dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: an eighth of the cores on CPU, all on GPU)."),
-    infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
+    dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: a sixth of the cores on CPU, all on GPU)."),
+    infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads per batch (default: cores / workers)."),
+    infer_workers: Optional[int] = typer.Option(None, min=1, help="Batches inferred at once (default: min(cores, 4) on CPU, 1 on GPU)."),
     pixel_budget: Optional[int] = typer.Option(
         None, min=1, help="Most input pixels (padded) in one batch (default: 8 square inputs on CPU, --max-batch on GPU)."),
     decode_budget: Optional[int] = typer.Option(
@@ -76,7 +77,7 @@ def run(
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"--{name}")
     cfg = RunConfig(dataset_dir, model, out, device, backend, imgsz, max_batch, conf, iou, max_det, names,
                     precision, overwrite, dali_threads, infer_threads, quiet=quiet,
-                    pixel_budget=pixel_budget, decode_budget=decode_budget)
+                    pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers)
     try:
         s = do_run(cfg)
     except (ConfigMismatch, FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 DEFAULT_STRIDE = 32
-CPU_BATCH_IMAGES = 8  # CPU: batch size barely changes throughput; small batches bound memory
+CPU_BATCH_IMAGES = 4  # CPU: batch size barely changes throughput; small batches bound memory
 DEFAULT_DECODE_BUDGET = 64_000_000  # original pixels decoded at once: 192 MB of RGB
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import queue
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -23,6 +21,7 @@ from bulkdet.decode import Decoder
 from bulkdet.engines import create_engine
 from bulkdet.metrics import BatchTimes, MetricsRecorder
 from bulkdet.models import load_model_info
+from bulkdet.pipeline import Stage, StagePipeline
 from bulkdet.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, plan
 from bulkdet.postprocess import postprocess
 from bulkdet.sink import RunSink, prepare_run_dir, read_images
@@ -30,7 +29,6 @@ from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader
 
 log = logging.getLogger("bulkdet")
-QUEUE_SIZE = 2  # batches waiting between two stages: enough to overlap, bounded memory
 
 
 @dataclass
@@ -55,6 +53,7 @@ class RunConfig:
     quiet: bool = False
     pixel_budget: int | None = None  # input pixels per batch (None: default_pixel_budget)
     decode_budget: int | None = None  # original pixels decoded at once (None: DEFAULT_DECODE_BUDGET)
+    infer_workers: int | None = None  # batches inferred at once (None: default_threads)
 
 
 @dataclass
@@ -80,83 +79,6 @@ class _Work:
         self.times = BatchTimes()
 
 
-_END = object()
-
-
-class _StagePipeline:
-    """Threads connected by bounded queues; the first error or a stop request ends them all."""
-
-    def __init__(self, stages: list[tuple[str, callable]], on_done=None):
-        self.stages = stages
-        self.on_done = on_done  # called with each item after the last stage
-        self.queues = [queue.Queue(QUEUE_SIZE) for _ in stages]
-        self.stop = threading.Event()
-        self.errors: list[BaseException] = []
-
-    def _put(self, q: queue.Queue, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _get(self, q: queue.Queue):
-        while not self.stop.is_set():
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return _END
-
-    def _worker(self, index: int):
-        name, fn = self.stages[index]
-        inq = self.queues[index]
-        outq = self.queues[index + 1] if index + 1 < len(self.stages) else None
-        try:
-            while True:
-                work = self._get(inq)
-                if work is _END:
-                    break
-                work.times.queue_depth[name] = inq.qsize()
-                work.times.start[name] = time.perf_counter()
-                fn(work)
-                work.times.end[name] = time.perf_counter()
-                if outq is None:
-                    if self.on_done:
-                        self.on_done(work)
-                elif not self._put(outq, work):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            self.errors.append(exc)
-            self.stop.set()
-            return
-        if outq is not None:
-            self._put(outq, _END)
-
-    def run(self, items) -> None:
-        threads = [threading.Thread(target=self._worker, args=(i,), name=f"bulkdet-{n}", daemon=True)
-                   for i, (n, _) in enumerate(self.stages)]
-        for t in threads:
-            t.start()
-        try:
-            for item in items:
-                if not self._put(self.queues[0], item):
-                    break
-            self._put(self.queues[0], _END)
-            for t in threads:
-                while t.is_alive():
-                    t.join(timeout=0.2)
-        except KeyboardInterrupt:
-            self.stop.set()
-            for t in threads:
-                t.join()
-            raise
-        if self.errors:
-            raise self.errors[0]
-
-
 def resolve_device(device: str) -> str:
     if device in ("auto", "cpu"):
         return "cpu"
@@ -179,7 +101,8 @@ def run(cfg: RunConfig) -> RunSummary:
     device = resolve_device(cfg.device)
     input_hw = model.fixed_shape or (_round_up(cfg.imgsz, model.stride),) * 2
     max_batch = model.batch or cfg.max_batch
-    dali_threads, infer_threads = default_threads(device, cfg.dali_threads, cfg.infer_threads)
+    dali_threads, infer_threads, infer_workers = default_threads(device, cfg.dali_threads, cfg.infer_threads,
+                                                                 cfg.infer_workers)
     fingerprint = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                    "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names}
     done = prepare_run_dir(cfg.out, fingerprint, cfg.overwrite)
@@ -204,12 +127,13 @@ def run(cfg: RunConfig) -> RunSummary:
     batches = plan(good, cfg.imgsz, max_batch, stride=model.stride, fixed_hw=model.fixed_shape,
                    pixel_budget=cfg.pixel_budget or default_pixel_budget(device, input_hw[0], max_batch),
                    decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
-    run_json.update(plan=batches.stats, threads={"dali": dali_threads, "infer": infer_threads})
+    run_json.update(plan=batches.stats, threads={"dali": dali_threads, "infer": infer_threads,
+                                                 "infer_workers": infer_workers})
 
     engine = create_engine("onnxruntime", cfg.model, device=device, threads=infer_threads)
-    log.info("device=%s backend=%s provider=%s buckets=%s batches=%d threads dali=%d infer=%d", device,
+    log.info("device=%s backend=%s provider=%s buckets=%s batches=%d threads: dali=%d infer=%dx%d", device,
              engine.name, engine.provider, ",".join(batches.stats["images_per_bucket"]) or "-", len(batches),
-             dali_threads, infer_threads)
+             dali_threads, infer_workers, infer_threads)
     decoder = Decoder(device, int(batches.batch_sizes().max(initial=1)), dali_threads, out_dtype=model.input_dtype)
     reader = ShardReader(Path(cfg.dataset) / "shards")
     sink = RunSink(cfg.out, model.names, metadata, cfg.commit_images)
@@ -251,10 +175,16 @@ def run(cfg: RunConfig) -> RunSummary:
     def record(work: _Work):
         metrics.record(work.batch, work.times, len(work.decoded.errors))
 
-    pipeline = _StagePipeline([("read", read), ("decode", decode), ("infer", infer),
-                               ("postprocess", post), ("write", write)], on_done=record)
+    pipeline = StagePipeline([("read", read), ("decode", decode), Stage("infer", infer, infer_workers),
+                              ("postprocess", post), ("write", write)], on_done=record)
     try:
         pipeline.run(_Work(b) for b in batches)
+    except BaseException as exc:
+        # Every stage has stopped; what was written is complete. Say how the run ended.
+        run_json.update(state="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                        error=f"{type(exc).__name__}: {exc}", finished=time.time())
+        write_json_atomic(run_json, cfg.out / "run.json")
+        raise
     finally:
         # Rows already buffered are complete results: commit them so a re-run resumes after them.
         sink.close()
@@ -282,17 +212,21 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads(device: str, dali: int | None = None, infer: int | None = None) -> tuple[int, int]:
-    """(DALI threads, ONNX Runtime intra-op threads); values given are kept.
+def default_threads(device: str, dali: int | None = None, infer: int | None = None,
+                    workers: int | None = None) -> tuple[int, int, int]:
+    """(DALI threads, ONNX Runtime intra-op threads per call, concurrent inference calls).
 
-    On CPU, decoding is about a tenth of the model's work (see docs/performance.md), so
-    DALI gets an eighth of the cores (at least one) and ONNX Runtime gets them all: the
-    two share the cores. On GPU the CPU only decodes, so DALI gets all the cores.
+    Values given are kept. On CPU, decoding costs about a sixth of the model's work (see
+    docs/performance.md), so DALI gets a sixth of the cores (at least one). ONNX Runtime
+    wastes less CPU running batches side by side, one thread each, than splitting one
+    batch over threads: up to 4 workers, the cores shared between them. On GPU the CPU
+    only decodes, so DALI gets all the cores and one call feeds the device.
     """
     cores = usable_cores()
     if device == "gpu":
-        return dali or cores, infer or cores
-    return dali or max(1, cores // 8), infer or cores
+        return dali or cores, infer or cores, workers or 1
+    workers = workers or min(cores, 4)
+    return dali or max(1, cores // 6), infer or max(1, cores // workers), workers
 
 
 def pa_array(values):

@@ -15,6 +15,8 @@ class OnnxRuntimeEngine:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads sleep instead of spinning: the decoder needs those cycles.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         self.provider = self.session.get_providers()[0]
