@@ -153,13 +153,16 @@ def run(cfg: RunConfig) -> RunSummary:
         encoded = [data if data is not None else b"" for data in work.encoded]
         work.decoded = decoder.decode(work.batch, encoded)
         work.decoded.errors.update(missing)
+        work.encoded = None  # each stage drops what later stages do not need: bounded memory
 
     def infer(work: _Work):
         work.outputs = engine.infer(work.decoded.tensor)
+        work.decoded.tensor = None
 
     def post(work: _Work):
         work.detections = postprocess(work.outputs[0], work.batch, len(model.names) or None, cfg.conf,
                                       cfg.iou, cfg.max_det, model.end2end)
+        work.outputs = None
 
     def write(work: _Work):
         batch, errors = work.batch, work.decoded.errors
