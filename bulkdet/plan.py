@@ -24,7 +24,7 @@ import pyarrow as pa
 
 DEFAULT_STRIDE = 32
 # CPU: batch size barely changes throughput, while the engine's memory grows with the
-# pixels of a batch (about 0.2 GB per million input pixels for YOLOv8n): two 640x640
+# pixels of a batch (0.1-0.2 GB per million input pixels for YOLOv8n): two 640x640
 # inputs, three 640x384 ones, or --max-batch small ones.
 CPU_PIXEL_BUDGET = 2 * 640 * 640
 DEFAULT_DECODE_BUDGET = 64_000_000  # original pixels decoded at once: 192 MB of RGB
