@@ -59,6 +59,13 @@ def run(
     dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: all cores)."),
     infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    check_precision: int = typer.Option(0, min=0, help="Also run this many images through the FP32 model "
+                                        "and report drifting detections (with --precision fp16|int8)."),
+    calib_images: int = typer.Option(64, min=1, help="INT8: calibration images drawn from DATASET_DIR."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Prepared models and TensorRT engines "
+                                             "(default: $BULKDET_CACHE_DIR or ~/.cache/bulkdet)."),
+    hw_decoder_load: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="GPU: share of JPEGs for the "
+                                                    "hardware JPEG decoder (DALI's default when unset)."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.runner import RunConfig, run as do_run
@@ -71,7 +78,9 @@ def run(
         if value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"--{name}")
     cfg = RunConfig(dataset_dir, model, out, device, backend, imgsz, max_batch, conf, iou, max_det, names,
-                    precision, overwrite, dali_threads, infer_threads, quiet=quiet)
+                    precision, overwrite, dali_threads, infer_threads, quiet=quiet,
+                    check_precision=check_precision, calib_images=calib_images, cache_dir=cache_dir,
+                    hw_decoder_load=hw_decoder_load)
     try:
         s = do_run(cfg)
     except (ConfigMismatch, FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -79,10 +88,43 @@ def run(
         raise typer.Exit(EXIT_ERROR)
     typer.echo(f"{s.images} images ({s.processed} processed now), {s.detections} detections, "
                f"{s.failed} failed, in {s.wall_s:.1f} s -> {out}")
+    if s.precision_check:
+        typer.echo(s.precision_check)
     if s.failed:
         typer.echo(f"{s.failed} input(s) failed: {s.by_status}. List them with:\n"
                    f"  duckdb -c \"SELECT path, status, error FROM '{out}/images/*.parquet' WHERE status <> 'ok'\"")
         raise typer.Exit(EXIT_FAILED_INPUTS)
+
+
+@app.command()
+def prepare(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="FP32 ONNX detector."),
+    precision: str = typer.Option(..., help="fp16 | int8"),
+    calib: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
+                                         help="INT8: dataset (from `bulkdet pack`) to calibrate on."),
+    calib_images: int = typer.Option(64, min=1, help="INT8: images drawn from --calib."),
+    imgsz: int = typer.Option(640, help="INT8: input size for dynamic-shape models (use the run's)."),
+    seed: int = typer.Option(0, help="INT8: seed of the calibration draw."),
+    out: Optional[Path] = typer.Option(None, "--out", dir_okay=False, help="Also copy the prepared model here."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Default: $BULKDET_CACHE_DIR or ~/.cache/bulkdet."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Make the FP16 or INT8 (Q/DQ, calibrated) ONNX of MODEL; cached, reused by `run --precision`."""
+    from bulkdet.prepare import Calibration, export_prepared, prepare_model
+
+    _setup_logging(quiet)
+    if precision not in ("fp16", "int8"):
+        raise typer.BadParameter(f"{precision!r} is not one of fp16, int8", param_hint="--precision")
+    if precision == "int8" and calib is None:
+        raise typer.BadParameter("int8 needs calibration images: --calib DATASET_DIR", param_hint="--calib")
+    calibration = Calibration(calib, calib_images, seed, imgsz) if precision == "int8" else None
+    try:
+        prepared = prepare_model(model, precision, calibration, cache_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    path = export_prepared(prepared, out) if out else prepared.path
+    typer.echo(f"{precision} model {'from the cache' if prepared.cached else 'prepared'}: {path}")
 
 
 @app.command()

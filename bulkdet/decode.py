@@ -27,13 +27,14 @@ class DecodedBatch:
 
 
 @pipeline_def
-def _letterbox_graph(decoder_device: str, out_dtype):
+def _letterbox_graph(decoder_device: str, out_dtype, hw_decoder_load: float | None = None):
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
     resize_hw = fn.external_source(name="resize_hw", dtype=types.FLOAT, ndim=1)
     anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
     shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
     # adjust_orientation (default on) applies EXIF orientation: output is upright.
-    images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+    images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
+                               **_mixed_options(decoder_device, hw_decoder_load))
     images = fn.resize(images, size=resize_hw, antialias=True, interp_type=types.INTERP_LINEAR)
     # A window starting at (-top, -left): the image lands centred, the rest is gray padding.
     images = fn.slice(images, anchor, shape, axis_names="HW", out_of_bounds_policy="pad",
@@ -41,12 +42,21 @@ def _letterbox_graph(decoder_device: str, out_dtype):
     return fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", mean=[0.0], std=[255.0])
 
 
+def _mixed_options(decoder_device: str, hw_decoder_load: float | None) -> dict:
+    """The share of JPEGs the GPU decoder sends to the hardware JPEG decoder (A100/H100 have
+    one); DALI's default when None. The CPU decoder takes no such option."""
+    if decoder_device != "mixed" or hw_decoder_load is None:
+        return {}
+    return {"hw_decoder_load": hw_decoder_load}
+
+
 class Decoder:
     """Decodes whole batches; when DALI rejects a batch, isolates the bad images."""
 
     def __init__(self, device: str = "cpu", max_batch: int = 32, num_threads: int | None = None,
-                 out_dtype=np.float32, device_id: int = 0):
+                 out_dtype=np.float32, device_id: int = 0, hw_decoder_load: float | None = None):
         self.device = device
+        self.hw_decoder_load = hw_decoder_load
         self.max_batch = max_batch
         self.num_threads = num_threads or max(1, os.cpu_count() or 1)
         self.out_dtype = out_dtype
@@ -56,7 +66,7 @@ class Decoder:
     def _build(self):
         pipe = _letterbox_graph(
             decoder_device="mixed" if self.device == "gpu" else "cpu",
-            out_dtype=_DALI_DTYPES[np.dtype(self.out_dtype).type],
+            out_dtype=_DALI_DTYPES[np.dtype(self.out_dtype).type], hw_decoder_load=self.hw_decoder_load,
             batch_size=self.max_batch, num_threads=self.num_threads,
             device_id=self.device_id if self.device == "gpu" else None,
             prefetch_queue_depth=1, exec_async=False, exec_pipelined=False,

@@ -20,11 +20,13 @@ import pyarrow.compute as pc
 from bulkdet import __version__
 from bulkdet.atomic import write_json_atomic
 from bulkdet.decode import Decoder
-from bulkdet.engines import create_engine
+from bulkdet.devices import select as select_device
+from bulkdet.engines import create_engine, model_info
 from bulkdet.metrics import BatchTimes, MetricsRecorder
-from bulkdet.models import load_model_info
 from bulkdet.plan import Batch, plan_batches
 from bulkdet.postprocess import postprocess
+from bulkdet.precision_check import check_run_precision
+from bulkdet.prepare import DEFAULT_CALIB_IMAGES, describe, prepare_for_run
 from bulkdet.sink import RunSink, prepare_run_dir, read_images
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader
@@ -53,6 +55,10 @@ class RunConfig:
     commit_images: int = 4096
     shards: list[int] | None = None  # only these shards (a scale-out worker's share)
     quiet: bool = False
+    check_precision: int = 0  # images also run through the FP32 model to measure drift
+    calib_images: int = DEFAULT_CALIB_IMAGES  # INT8 calibration images drawn from the dataset
+    cache_dir: Path | None = None  # prepared models and TensorRT engines (default: prepare.cache_dir())
+    hw_decoder_load: float | None = None  # share of JPEGs for the GPU's hardware decoder
 
 
 @dataclass
@@ -64,6 +70,7 @@ class RunSummary:
     wall_s: float
     processed: int  # images decoded and inferred in this invocation (not resumed ones)
     stage_s: dict = field(default_factory=dict)
+    precision_check: str = ""  # one-line drift summary when --check-precision ran
 
 
 class _Work:
@@ -155,12 +162,6 @@ class _StagePipeline:
             raise self.errors[0]
 
 
-def resolve_device(device: str) -> str:
-    if device in ("auto", "cpu"):
-        return "cpu"
-    raise RuntimeError("--device gpu: no usable GPU backend in this build; use --device cpu")
-
-
 def environment() -> dict:
     import nvidia.dali
     import onnxruntime
@@ -173,8 +174,10 @@ def environment() -> dict:
 
 def run(cfg: RunConfig) -> RunSummary:
     t_start = time.time()
-    model = load_model_info(cfg.model, cfg.names)
-    device = resolve_device(cfg.device)
+    selection = select_device(cfg.device, cfg.backend, cfg.model)
+    device = selection.device
+    prepared = prepare_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz, cfg.cache_dir)
+    model = model_info(prepared.path, cfg.names)
     input_hw = model.fixed_shape or (_round_up(cfg.imgsz, model.stride),) * 2
     max_batch = model.batch or cfg.max_batch
     fingerprint = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
@@ -186,7 +189,9 @@ def run(cfg: RunConfig) -> RunSummary:
     run_json = {"run_id": run_id, "state": "running", "started": t_start,
                 "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
                 "model": {"path": str(cfg.model), "sha256": model.sha256, "names": model.names,
-                          "input_hw": input_hw, "input_dtype": np.dtype(model.input_dtype).name},
+                          "input_hw": input_hw, "input_dtype": np.dtype(model.input_dtype).name,
+                          "prepared": describe(prepared)},
+                "device_selection": asdict(selection),
                 "environment": environment()}
     write_json_atomic(run_json, cfg.out / "run.json")
 
@@ -200,11 +205,20 @@ def run(cfg: RunConfig) -> RunSummary:
     good = manifest.filter(is_ok)
     batches = plan_batches(good, input_hw, max_batch)
 
-    engine = create_engine("onnxruntime", cfg.model, device=device, threads=cfg.infer_threads)
-    log.info("device=%s backend=%s provider=%s input=%s batches=%d", device, engine.name, engine.provider,
-             input_hw, len(batches))
-    decoder = Decoder(device, max_batch, cfg.dali_threads, out_dtype=model.input_dtype)
+    shapes = [(len(b), *b.input_hw) for b in batches] or [(max_batch, *input_hw)]
+    engine = create_engine(selection.backend, prepared.path, device=device, threads=cfg.infer_threads,
+                           shapes=shapes, cache_dir=cfg.cache_dir, ring_slots=QUEUE_SIZE + 2)
+    log.info("device=%s backend=%s provider=%s input=%s batches=%d (%s)", device, engine.name, engine.provider,
+             input_hw, len(batches), selection.reason)
+    decoder = Decoder(device, max_batch, cfg.dali_threads, out_dtype=engine.input_dtype,
+                      hw_decoder_load=cfg.hw_decoder_load)
     reader = ShardReader(Path(cfg.dataset) / "shards")
+    drift = None
+    if cfg.check_precision:
+        drift = check_run_precision(cfg, prepared, model, batches, reader, engine, decoder, shapes)
+        if drift:
+            run_json["precision_check"] = drift.as_dict()
+            write_json_atomic(run_json, cfg.out / "run.json")
     sink = RunSink(cfg.out, model.names, metadata, cfg.commit_images)
     metrics = MetricsRecorder(device)
     if len(bad):
@@ -222,6 +236,7 @@ def run(cfg: RunConfig) -> RunSummary:
         encoded = [data if data is not None else b"" for data in work.encoded]
         work.decoded = decoder.decode(work.batch, encoded)
         work.decoded.errors.update(missing)
+        work.decoded.tensor = engine.stage(work.decoded.tensor)  # GPU: into the engine's input buffer
 
     def infer(work: _Work):
         work.outputs = engine.infer(work.decoded.tensor)
@@ -253,6 +268,7 @@ def run(cfg: RunConfig) -> RunSummary:
         sink.close()
         progress.close()
         reader.close()
+        engine.close()
     metrics.write(cfg.out / "metrics.parquet")
 
     statuses = read_images(cfg.out, ["status", "n_det"])
@@ -260,7 +276,8 @@ def run(cfg: RunConfig) -> RunSummary:
     summary = RunSummary(
         images=len(statuses), failed=len(statuses) - by_status.get("ok", 0),
         detections=int(pc.sum(statuses.column("n_det")).as_py() or 0), by_status=dict(by_status),
-        wall_s=time.time() - t_start, processed=len(good), stage_s=metrics.stage_totals())
+        wall_s=time.time() - t_start, processed=len(good), stage_s=metrics.stage_totals(),
+        precision_check=drift.summary() if drift else "")
     run_json.update(state="complete", finished=time.time(), totals=asdict(summary),
                     device=device, backend=engine.name, provider=engine.provider)
     write_json_atomic(run_json, cfg.out / "run.json")
