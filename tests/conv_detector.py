@@ -21,7 +21,8 @@ _ANALYTIC_COLOUR_TEST = ("Gather", "ReduceMax", "Sub")
 
 
 def build_conv_detector(path: Path, scale_boxes: float = 1.0) -> Path:
-    """Write the conv detector; `scale_boxes` != 1 makes a deliberately drifting variant."""
+    """Write the conv detector; `scale_boxes` != 1 makes a deliberately drifting variant (box
+    width and height scaled about the centre)."""
     path = Path(path)
     model = onnx.load(str(build_analytic_detector(path.with_suffix(".analytic.onnx"))))
     graph = model.graph
@@ -34,10 +35,10 @@ def build_conv_detector(path: Path, scale_boxes: float = 1.0) -> Path:
     inits += [numpy_helper.from_array(weights, "excess_w"), numpy_helper.from_array(np.zeros(3, np.float32), "excess_b"),
               numpy_helper.from_array(np.array(1.0, np.float32), "thresh")]
     nodes = [conv] + rest
-    if scale_boxes != 1.0:  # scale the box rows (cx, cy, w, h) of the output: boxes drift
+    if scale_boxes != 1.0:  # scale the w, h rows of the output: boxes drift about their centre
         out = next(n for n in nodes if "output0" in n.output)
         out.output[0] = "output0_exact"
-        inits.append(numpy_helper.from_array(np.array([scale_boxes] * 4 + [1.0] * 3, np.float32).reshape(1, 7, 1),
+        inits.append(numpy_helper.from_array(np.array([1.0, 1.0, scale_boxes, scale_boxes, 1.0, 1.0, 1.0], np.float32).reshape(1, 7, 1),
                                              "box_scale"))
         nodes.append(helper.make_node("Mul", ["output0_exact", "box_scale"], ["output0"], name="drift"))
     new_graph = helper.make_graph(nodes, "conv_color_rect_detector", list(graph.input), list(graph.output),
