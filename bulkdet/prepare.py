@@ -37,7 +37,7 @@ log = logging.getLogger("bulkdet")
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Bump when the recipe changes (block lists, quantizer options): old cache entries stop matching.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 DEFAULT_CALIB_IMAGES = 64
 CALIB_BATCH = 8
 # Metadata written into every prepared ONNX, so a prepared file describes itself.
@@ -47,9 +47,9 @@ META_CALIBRATION = "bulkdet.calibration"
 # Ops that carry weights: INT8 pays off there. Nodes after the last of them (box decoding, the
 # concatenation of pixel coordinates with 0..1 scores) stay float: one int8 scale cannot hold both.
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
-# Kept in float32 by the FP16 conversion: onnxconverter-common's list (ops without float16
-# kernels) plus Cast, whose `to` attribute the converter does not rewrite.
-FP16_OP_BLOCK_LIST = ("Cast",)
+# The FP16 converter does not rewrite a Cast's `to` attribute: the model's own Cast-to-float
+# nodes are kept in float32 (blocked by name, followed by a cast to float16).
+FP16_BLOCKED_CASTS = frozenset({onnx.TensorProto.FLOAT})
 
 
 def cache_dir(explicit: Path | None = None) -> Path:
@@ -179,12 +179,14 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 
 
 def convert_fp16(source: Path, out: Path) -> None:
-    from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxconverter_common.float16 import convert_float_to_float16
 
     model = onnx.load(str(source))
     _name_nodes(model)
-    model = convert_float_to_float16(model, keep_io_types=False,
-                                     op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_OP_BLOCK_LIST))
+    # By name, not by op type: the Cast nodes the converter adds must not be blocked in turn.
+    casts = [n.name for n in model.graph.node if n.op_type == "Cast" and
+             any(a.name == "to" and a.i in FP16_BLOCKED_CASTS for a in n.attribute)]
+    model = convert_float_to_float16(model, keep_io_types=False, node_block_list=casts)
     onnx.save(model, str(out))
 
 
