@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pyarrow.compute as pc
 
 from benchmarks.dataset import make_jpeg_mix
 from benchmarks.yolov8n import ensure_model
@@ -98,7 +99,9 @@ def main() -> None:
 
     info = load_model_info(model)
     hw = (args.imgsz, args.imgsz)
-    plan = first_images(plan_batches(read_manifest(dataset), hw, args.batch), args.batch * args.batches)
+    manifest = read_manifest(dataset)
+    images = manifest.filter(pc.equal(manifest.column("status"), "ok"))  # not the set's marker file
+    plan = first_images(plan_batches(images, hw, args.batch), args.batch * args.batches)
     reader = ShardReader(dataset / "shards")
     decoder = Decoder("cpu", args.batch, out_dtype=np.float32)
     tensors = [decoder.decode(b, reader.get_many(b.shard, b.keys)).tensor for b in plan]
@@ -115,7 +118,7 @@ def main() -> None:
     for name in ("fp16", "int8"):
         results["model_only"][name]["vs_fp32"] = round(results["model_only"][name]["images_per_s"] / base, 3)
 
-    drift_plan = first_images(plan_batches(read_manifest(dataset), hw, args.batch), args.drift_images)
+    drift_plan = first_images(plan_batches(images, hw, args.batch), args.drift_images)
     nc = len(info.names) or None
     engines = {name: create_engine("onnxruntime", path, device=args.device, threads=args.threads,
                                    shapes=[(args.batch, *hw)]) for name, path in paths.items()}

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ log = logging.getLogger("bulkdet")
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Bump when the recipe changes (block lists, quantizer options): old cache entries stop matching.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 DEFAULT_CALIB_IMAGES = 64
 CALIB_BATCH = 8
 # Metadata written into every prepared ONNX, so a prepared file describes itself.
@@ -186,7 +187,9 @@ def convert_fp16(source: Path, out: Path) -> None:
     # By name, not by op type: the Cast nodes the converter adds must not be blocked in turn.
     casts = [n.name for n in model.graph.node if n.op_type == "Cast" and
              any(a.name == "to" and a.i in FP16_BLOCKED_CASTS for a in n.attribute)]
-    model = convert_float_to_float16(model, keep_io_types=False, node_block_list=casts)
+    with warnings.catch_warnings():  # one warning per tiny weight clamped to float16's range
+        warnings.simplefilter("ignore", UserWarning)
+        model = convert_float_to_float16(model, keep_io_types=False, node_block_list=casts)
     onnx.save(model, str(out))
 
 
@@ -270,7 +273,8 @@ def quantize_int8(source: Path, out: Path, sample: CalibrationSample) -> None:
     work = out.parent
     pre = work / "pre.onnx"
     try:  # shape inference + graph optimisation, as ONNX Runtime recommends before quantizing
-        quant_pre_process(str(source), str(pre), skip_symbolic_shape=False)
+        # ONNX's own shape inference suffices for CNNs; the symbolic one gives up on dynamic H, W.
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
     except Exception as exc:  # noqa: BLE001 - the optimisation is optional; the raw model still quantizes
         log.warning("quantization pre-processing skipped (%s)", str(exc).splitlines()[0][:200])
         shutil.copyfile(source, pre)

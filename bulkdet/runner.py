@@ -205,7 +205,9 @@ def run(cfg: RunConfig) -> RunSummary:
     good = manifest.filter(is_ok)
     batches = plan_batches(good, input_hw, max_batch)
 
-    shapes = [(len(b), *b.input_hw) for b in batches] or [(max_batch, *input_hw)]
+    # Input shapes the GPU engines must take (buffers, TensorRT profiles): batch 1..max_batch at
+    # each planned size, so a resumed run with a short last batch needs no new engine.
+    shapes = [(max_batch, *b.input_hw) for b in batches] or [(max_batch, *input_hw)]
     engine = create_engine(selection.backend, prepared.path, device=device, threads=cfg.infer_threads,
                            shapes=shapes, cache_dir=cfg.cache_dir, ring_slots=QUEUE_SIZE + 2)
     log.info("device=%s backend=%s provider=%s input=%s batches=%d (%s)", device, engine.name, engine.provider,

@@ -50,3 +50,14 @@ def build_conv_detector(path: Path, scale_boxes: float = 1.0) -> Path:
     onnx.save(new, str(path))
     return path
 
+
+
+def packed_dataset(root: Path, specs) -> tuple[Path, list[dict]]:
+    """Images from `specs` (see conftest.make_images) packed into root/ds; (dataset, truth)."""
+    from conftest import make_images
+
+    from bulkdet.pack import pack
+
+    truth = make_images(root / "src", specs)
+    pack(root / "src", root / "ds", quiet=True)
+    return root / "ds", truth

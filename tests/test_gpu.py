@@ -9,8 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_images
-from conv_detector import build_conv_detector
+from conv_detector import build_conv_detector, packed_dataset
 
 from bulkdet.demo import compare_with_truth
 from bulkdet.devices import probe
@@ -30,12 +29,7 @@ def _needs(backend: str):
 
 @pytest.fixture(scope="module")
 def gpu_dataset(tmp_path_factory):
-    from bulkdet.pack import pack
-
-    root = tmp_path_factory.mktemp("gpu")
-    truth = make_images(root / "src", SPECS)
-    pack(root / "src", root / "ds", quiet=True)
-    return root / "ds", truth
+    return packed_dataset(tmp_path_factory.mktemp("gpu"), SPECS)
 
 
 def _boxes(run_dir):

@@ -7,13 +7,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import make_images
-from conv_detector import build_conv_detector
+from conv_detector import build_conv_detector, packed_dataset
 from onnx import TensorProto, helper
 
 from bulkdet.demo import compare_with_truth
 from bulkdet.models import load_model_info
-from bulkdet.pack import pack
 from bulkdet.plan import plan_batches
 from bulkdet.postprocess import Detections
 from bulkdet.precision_check import DriftReport, check_precision, first_images, match
@@ -28,10 +26,7 @@ IMGSZ = 256
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prep")
-    truth = make_images(root / "src", SPECS)
-    pack(root / "src", root / "ds", quiet=True)
-    return root / "ds", truth
+    return packed_dataset(tmp_path_factory.mktemp("prep"), SPECS)
 
 
 @pytest.fixture(scope="module")
