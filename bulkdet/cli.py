@@ -105,6 +105,8 @@ def prepare(
     calib_images: int = typer.Option(64, min=1, help="INT8: images drawn from --calib."),
     imgsz: int = typer.Option(640, help="INT8: input size for dynamic-shape models (use the run's)."),
     seed: int = typer.Option(0, help="INT8: seed of the calibration draw."),
+    target: str = typer.Option("gpu", help="INT8: gpu = symmetric int8 (TensorRT; also runs on the CPU), "
+                               "cpu = uint8 activations (faster and closer to FP32 on x86 ONNX Runtime)."),
     out: Optional[Path] = typer.Option(None, "--out", dir_okay=False, help="Also copy the prepared model here."),
     cache_dir: Optional[Path] = typer.Option(None, help="Default: $BULKDET_CACHE_DIR or ~/.cache/bulkdet."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -117,7 +119,9 @@ def prepare(
         raise typer.BadParameter(f"{precision!r} is not one of fp16, int8", param_hint="--precision")
     if precision == "int8" and calib is None:
         raise typer.BadParameter("int8 needs calibration images: --calib DATASET_DIR", param_hint="--calib")
-    calibration = Calibration(calib, calib_images, seed, imgsz) if precision == "int8" else None
+    if target not in ("gpu", "cpu"):
+        raise typer.BadParameter(f"{target!r} is not one of gpu, cpu", param_hint="--target")
+    calibration = Calibration(calib, calib_images, seed, imgsz, target) if precision == "int8" else None
     try:
         prepared = prepare_model(model, precision, calibration, cache_dir)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:

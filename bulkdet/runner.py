@@ -176,7 +176,8 @@ def run(cfg: RunConfig) -> RunSummary:
     t_start = time.time()
     selection = select_device(cfg.device, cfg.backend, cfg.model)
     device = selection.device
-    prepared = prepare_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz, cfg.cache_dir)
+    prepared = prepare_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz, cfg.cache_dir,
+                               device)
     model = model_info(prepared.path, cfg.names)
     input_hw = model.fixed_shape or (_round_up(cfg.imgsz, model.stride),) * 2
     max_batch = model.batch or cfg.max_batch

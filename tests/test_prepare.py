@@ -86,6 +86,18 @@ def test_int8_is_symmetric_qdq_that_runs_on_cpu(conv_model, int8_model):
     np.testing.assert_allclose(_run(prepared.path, x), _run(conv_model, x), atol=1.0)
 
 
+def test_int8_for_the_cpu_uses_uint8_activations(conv_model, dataset, int8_model):
+    gpu, cache = int8_model
+    cpu = prepare_model(conv_model, "int8", Calibration(dataset[0], images=6, imgsz=IMGSZ, target="cpu"), cache)
+    assert cpu.path != gpu.path and ".int8-cpu." in cpu.path.name and ".int8-gpu." in gpu.path.name
+    model = onnx.load(str(cpu.path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    zero_points = {n.input[0]: inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert zero_points["images"].dtype == np.uint8  # activations: uint8 with a zero point
+    x = _letterboxed()
+    np.testing.assert_allclose(_run(cpu.path, x), _run(conv_model, x), atol=1.0)
+
+
 def test_cache_key_covers_source_precision_and_calibration_sample(conv_model, dataset):
     tools = {"onnxruntime": "1"}
     base = cache_key("a" * 64, "int8", {"content_sha256": "x", "images": 6}, tools)
