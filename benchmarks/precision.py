@@ -8,7 +8,8 @@ measured together (the machine may be shared: read the ratios, not the absolute 
    through bulkdet's own DALI preprocessing);
 3. model-only throughput: the same letterboxed batches (decoded once) through an ONNX Runtime
    session per precision, warm-up first, best of `--reps` timed passes;
-4. drift: `bulkdet.precision_check` over `--drift-images` images (FP32 as the reference).
+4. drift: `bulkdet.precision_check` over `--drift-images` images (FP32 as the reference);
+5. NMS in the model (bulkdet.graph_nms) vs on the host: model time, host post-processing time.
 
     python -m benchmarks.precision [--device cpu|gpu] [--out FILE.json]
 
@@ -33,11 +34,12 @@ from benchmarks.dataset import make_jpeg_mix
 from benchmarks.yolov8n import ensure_model
 from bulkdet.decode import Decoder
 from bulkdet.engines import create_engine
-from bulkdet.models import load_model_info
+from bulkdet.models import file_sha256, load_model_info
 from bulkdet.pack import pack
 from bulkdet.plan import plan_batches
 from bulkdet.precision_check import Detector, check_precision, first_images
-from bulkdet.prepare import Calibration, prepare_model
+from bulkdet.postprocess import postprocess
+from bulkdet.prepare import Calibration, PreparedModel, prepare_model, with_nms
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader
 
@@ -121,8 +123,22 @@ def main() -> None:
     for name in ("fp16", "int8-cpu", "int8-gpu"):
         results["model_only"][name]["vs_fp32"] = round(results["model_only"][name]["images_per_s"] / base, 3)
 
-    drift_plan = first_images(plan_batches(images, hw, args.batch), args.drift_images)
+    # NMS in the model vs on the host: model time and host post-processing time, same batches.
+    nms_model = with_nms(PreparedModel(model, "fp32", "", file_sha256(model), False), CONF, IOU, MAX_DET, cache)
     nc = len(info.names) or None
+    results["nms_in_model"] = {}
+    for name, path, end2end in (("host_nms", model, False), ("nms_in_model", nms_model.path, True)):
+        timing = model_only(path, tensors, args.device, args.threads, args.reps)
+        sess = session(path, args.device, args.threads)
+        outputs = [sess.run(None, {"images": t})[0] for t in tensors]
+        t0 = time.perf_counter()
+        dets = [postprocess(o, b, nc, CONF, IOU, MAX_DET, end2end) for o, b in zip(outputs, plan)]
+        host_s = time.perf_counter() - t0
+        results["nms_in_model"][name] = {**timing, "host_postprocess_ms_per_image": round(1e3 * host_s / timing["images"], 2),
+                                         "output_mb_per_image": round(outputs[0].nbytes / len(tensors[0]) / 1e6, 3),
+                                         "detections": sum(len(d) for batch in dets for d in batch)}
+
+    drift_plan = first_images(plan_batches(images, hw, args.batch), args.drift_images)
     engines = {name: create_engine("onnxruntime", path, device=args.device, threads=args.threads,
                                    shapes=[(args.batch, *hw)]) for name, path in paths.items()}
     decoders = {np.dtype(e.input_dtype).name: Decoder(args.device, args.batch, out_dtype=e.input_dtype)
@@ -142,6 +158,10 @@ def main() -> None:
           f"{args.batches} batches, best of {args.reps} ({args.device}):")
     for name, r in results["model_only"].items():
         print(f"  {name}: {r['images_per_s']:8.2f} images/s  ({r.get('vs_fp32', 1.0):.2f}x fp32, {r['provider']})")
+    for name, r in results["nms_in_model"].items():
+        print(f"  {name}: model {r['images_per_s']:.2f} images/s, host post-processing "
+              f"{r['host_postprocess_ms_per_image']} ms/image, output {r['output_mb_per_image']} MB/image, "
+              f"{r['detections']} detections")
     text = json.dumps(results, indent=1)
     if args.out:
         args.out.write_text(text)

@@ -66,6 +66,8 @@ def run(
                                              "(default: $BULKDET_CACHE_DIR or ~/.cache/bulkdet)."),
     hw_decoder_load: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="GPU: share of JPEGs for the "
                                                     "hardware JPEG decoder (DALI's default when unset)."),
+    nms_in_model: bool = typer.Option(False, help="Append NMS to the model (YOLOv8 layout): only final "
+                                      "detections leave the engine."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.runner import RunConfig, run as do_run
@@ -80,7 +82,7 @@ def run(
     cfg = RunConfig(dataset_dir, model, out, device, backend, imgsz, max_batch, conf, iou, max_det, names,
                     precision, overwrite, dali_threads, infer_threads, quiet=quiet,
                     check_precision=check_precision, calib_images=calib_images, cache_dir=cache_dir,
-                    hw_decoder_load=hw_decoder_load)
+                    hw_decoder_load=hw_decoder_load, nms_in_model=nms_in_model)
     try:
         s = do_run(cfg)
     except (ConfigMismatch, FileNotFoundError, ValueError, RuntimeError) as exc:

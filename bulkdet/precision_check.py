@@ -184,11 +184,12 @@ def check_run_precision(cfg, prepared, model, batches: list[Batch], reader, engi
 
     from bulkdet.decode import Decoder
     from bulkdet.engines import create_engine
+    from bulkdet.models import load_model_info
 
     log = logging.getLogger("bulkdet")
-    if prepared.precision in ("fp32", "engine") or Path(prepared.path) == Path(cfg.model):
+    if prepared.precision == "engine" or Path(prepared.path) == Path(cfg.model):
         log.warning("--check-precision: nothing to compare (the model given runs as it is; pass the FP32 "
-                    "ONNX with --precision fp16 or int8)")
+                    "ONNX with --precision fp16 or int8, or --nms-in-model)")
         return None
     reference_engine = create_engine(engine.name, cfg.model, device=decoder.device, threads=cfg.infer_threads,
                                      shapes=shapes, cache_dir=cfg.cache_dir, ring_slots=2)
@@ -197,11 +198,13 @@ def check_run_precision(cfg, prepared, model, batches: list[Batch], reader, engi
         if np.dtype(reference_engine.input_dtype) != np.dtype(engine.input_dtype):
             reference_decoder = Decoder(decoder.device, decoder.max_batch, cfg.dali_threads,
                                         out_dtype=reference_engine.input_dtype, hw_decoder_load=cfg.hw_decoder_load)
-        post = (len(model.names) or None, cfg.conf, cfg.iou, cfg.max_det, model.end2end)
+        post = (len(model.names) or None, cfg.conf, cfg.iou, cfg.max_det)
+        reference_end2end = load_model_info(cfg.model).end2end  # the FP32 source: no NMS in it (usually)
         report = check_precision(first_images(batches, cfg.check_precision),
                                  lambda b: reader.get_many(b.shard, b.keys),
-                                 Detector(reference_engine, reference_decoder, *post), Detector(engine, decoder, *post),
-                                 prepared.precision)
+                                 Detector(reference_engine, reference_decoder, *post, reference_end2end),
+                                 Detector(engine, decoder, *post, model.end2end),
+                                 prepared.precision + ("+nms" if prepared.nms else ""))
     finally:
         reference_engine.close()
     log.info(report.summary())

@@ -19,6 +19,7 @@ changes their content (see `cache_key`); a second `prepare` or `run` finds them 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -90,6 +91,7 @@ class PreparedModel:
     sha256: str
     cached: bool  # True when found in the cache, False when made now (or fp32: the source itself)
     calibration: dict | None = None  # the sample INT8 was calibrated on
+    nms: bool = False  # NMS appended to the graph (with_nms)
 
 
 def model_precision(model: onnx.ModelProto | Path) -> str | None:
@@ -125,29 +127,51 @@ def prepare_model(source: Path, precision: str, calibration: Calibration | None 
         sample = calibration_sample(calibration, source)
     tools = _tool_versions(precision)
     key = cache_key(source_sha, precision, sample and sample.identity, tools)
-    folder = cache_dir(cache) / "models"
     label = f"{precision}-{sample.target}" if sample else precision
-    path = folder / f"{source.stem}.{label}.{key[:16]}.onnx"
-    if path.is_file():
-        log.info("prepared %s model found in the cache: %s", precision, path)
-        return PreparedModel(path, precision, source_sha, file_sha256(path), cached=True,
-                             calibration=sample and sample.identity)
-    folder.mkdir(parents=True, exist_ok=True)
-    log.info("preparing the %s model from %s (once; cached in %s)", precision, source, folder)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as tmp:
-        tmp_model = Path(tmp) / "model.onnx"
+
+    def make(tmp_model: Path) -> None:
         if precision == "fp16":
             convert_fp16(source, tmp_model)
         else:
             quantize_int8(source, tmp_model, sample)
         _stamp(tmp_model, source, source_sha, precision, sample and sample.identity)
-        os.replace(tmp_model, path)  # atomic: the cache never holds a half-written model
-    provenance = {"source": str(source), "source_sha256": source_sha, "precision": precision,
-                  "key": key, "tools": tools, "calibration": sample and {**sample.identity, "dataset": str(
-                      calibration.dataset)}}
-    write_json_atomic(provenance, path.with_suffix(".json"))
-    return PreparedModel(path, precision, source_sha, file_sha256(path), cached=False,
+
+    provenance = {"source": str(source), "source_sha256": source_sha, "precision": precision, "key": key,
+                  "tools": tools, "calibration": sample and {**sample.identity, "dataset": str(calibration.dataset)}}
+    path, cached = _cached(cache, f"{source.stem}.{label}.{key[:16]}.onnx", make, provenance)
+    return PreparedModel(path, precision, source_sha, file_sha256(path), cached=cached,
                          calibration=sample and sample.identity)
+
+
+def _cached(cache: Path | None, name: str, make, provenance: dict) -> tuple[Path, bool]:
+    """cache/models/name, made by make(temporary path) unless there; (path, found in the cache)."""
+    folder = cache_dir(cache) / "models"
+    path = folder / name
+    if path.is_file():
+        log.info("prepared model found in the cache: %s", path)
+        return path, True
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("preparing %s (once; cached in %s)", name, folder)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as tmp:
+        tmp_model = Path(tmp) / "model.onnx"
+        make(tmp_model)
+        os.replace(tmp_model, path)  # atomic: the cache never holds a half-written model
+    write_json_atomic(provenance, path.with_suffix(".json"))
+    return path, False
+
+
+def with_nms(prepared: PreparedModel, conf: float, iou: float, max_det: int,
+             cache: Path | None = None) -> PreparedModel:
+    """The prepared model with NMS appended (bulkdet/graph_nms.py), cached like the others."""
+    from bulkdet.graph_nms import NMS_VERSION, add_nms
+
+    params = {"conf": conf, "iou": iou, "max_det": max_det}
+    key = cache_key(prepared.sha256, prepared.precision + "+nms", params, {"graph_nms": NMS_VERSION})
+    stem = Path(prepared.path).name.split(".")[0]
+    provenance = {"model": str(prepared.path), "model_sha256": prepared.sha256, "nms": params, "key": key}
+    path, cached = _cached(cache, f"{stem}.{prepared.precision}-nms.{key[:16]}.onnx",
+                           lambda tmp: add_nms(prepared.path, tmp, conf, iou, max_det), provenance)
+    return dataclasses.replace(prepared, path=path, sha256=file_sha256(path), cached=cached, nms=True)
 
 
 def prepare_for_run(model: Path, precision: str, dataset: Path, calib_images: int, imgsz: int,

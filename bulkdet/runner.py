@@ -26,7 +26,7 @@ from bulkdet.metrics import BatchTimes, MetricsRecorder
 from bulkdet.plan import Batch, plan_batches
 from bulkdet.postprocess import postprocess
 from bulkdet.precision_check import check_run_precision
-from bulkdet.prepare import DEFAULT_CALIB_IMAGES, describe, prepare_for_run
+from bulkdet.prepare import DEFAULT_CALIB_IMAGES, describe, prepare_for_run, with_nms
 from bulkdet.sink import RunSink, prepare_run_dir, read_images
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader
@@ -59,6 +59,7 @@ class RunConfig:
     calib_images: int = DEFAULT_CALIB_IMAGES  # INT8 calibration images drawn from the dataset
     cache_dir: Path | None = None  # prepared models and TensorRT engines (default: prepare.cache_dir())
     hw_decoder_load: float | None = None  # share of JPEGs for the GPU's hardware decoder
+    nms_in_model: bool = False  # append NMS to the graph: only final detections leave the engine
 
 
 @dataclass
@@ -178,6 +179,8 @@ def run(cfg: RunConfig) -> RunSummary:
     device = selection.device
     prepared = prepare_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz, cfg.cache_dir,
                                device)
+    if cfg.nms_in_model:
+        prepared = with_nms(prepared, cfg.conf, cfg.iou, cfg.max_det, cfg.cache_dir)
     model = model_info(prepared.path, cfg.names)
     input_hw = model.fixed_shape or (_round_up(cfg.imgsz, model.stride),) * 2
     max_batch = model.batch or cfg.max_batch

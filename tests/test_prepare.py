@@ -213,3 +213,55 @@ def test_drift_report_counts_each_kind():
 
 def test_model_precision_metadata_key(conv_model):
     assert model_precision(conv_model) is None and META_PRECISION == "bulkdet.precision"
+
+
+def _raw_predictions_model(path, nc=4, n=300):
+    """A 'detector' whose output is its input: raw YOLOv8 predictions [B, 4+nc, N] fed directly."""
+    x = helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["batch", 4 + nc, n])
+    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 4 + nc, n])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["raw"], ["output0"])], "raw", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("max_det", [300, 7])
+def test_nms_in_the_graph_selects_what_the_host_selects(tmp_path, max_det):
+    from bulkdet.graph_nms import add_nms
+    from bulkdet.plan import Batch, letterbox
+    from bulkdet.postprocess import postprocess
+
+    nc, n, size = 4, 300, 200
+    rng = np.random.default_rng(1)
+    raw = np.concatenate([rng.uniform(0, size, (2, 2, n)), rng.uniform(4, 60, (2, 2, n)),
+                          rng.uniform(0, 0.6, (2, nc, n))], axis=1).astype(np.float32)
+    plain = _raw_predictions_model(tmp_path / "raw.onnx", nc, n)
+    add_nms(plain, tmp_path / "nms.onnx", conf=0.25, iou=0.45, max_det=max_det)
+    (end2end,) = ort.InferenceSession(str(tmp_path / "nms.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"raw": raw})
+    assert end2end.shape == (2, max_det, 6)
+    wh = np.full(2, size, np.int32)
+    batch = Batch(0, 0, np.arange(2), ["a", "b"], [b"a", b"b"], wh, wh, (size, size), letterbox(wh, wh, size, size))
+    host = postprocess(raw, batch, nc, 0.25, 0.45, max_det)
+    graph = postprocess(end2end, batch, nc, 0.25, 0.45, max_det, end2end=True)
+    for i, (h, g) in enumerate(zip(host, graph)):
+        candidates = int((raw[i, 4:].max(0) > 0.25).sum())
+        assert 5 < len(h) < candidates and len(g) == len(h)  # NMS removed overlapping boxes
+        np.testing.assert_allclose(g.scores, h.scores, rtol=1e-6)
+        np.testing.assert_array_equal(g.class_ids, h.class_ids)
+        np.testing.assert_allclose(g.boxes, h.boxes, atol=1e-3)
+
+
+def test_run_with_nms_in_the_model_checks_itself_against_host_nms(cli, conv_model, dataset, tmp_path):
+    ds, truth = dataset
+    run_dir = tmp_path / "run"
+    r = cli("run", ds, "--model", conv_model, "--out", run_dir, "--nms-in-model", "--check-precision", 4,
+            "--imgsz", IMGSZ, "--cache-dir", tmp_path / "cache", "-q")
+    assert r.exit_code == 0, r.output
+    run_json = json.loads((run_dir / "run.json").read_text())
+    assert run_json["model"]["prepared"]["nms"] is True
+    check = run_json["precision_check"]
+    assert check["precision"] == "fp32+nms" and check["matched"] == check["reference_boxes"] > 0
+    assert check["drifting"] == 0
+    assert not compare_with_truth(truth, read_detections(run_dir).to_pylist(), imgsz=IMGSZ)
