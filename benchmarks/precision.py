@@ -54,22 +54,31 @@ def session(path: Path, device: str, threads: int | None) -> ort.InferenceSessio
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
-def model_only(path: Path, batches: list[np.ndarray], device: str, threads: int | None, reps: int) -> dict:
-    """Best-of-reps images/s of one session over the same batches (cast to the model's input dtype)."""
-    sess = session(path, device, threads)
-    inp = sess.get_inputs()[0]
-    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-    feeds = [{inp.name: b.astype(dtype)} for b in batches]
-    sess.run(None, feeds[0])  # warm-up: kernels chosen, memory arenas grown
-    images = sum(len(b) for b in batches)
-    best = float("inf")
+def model_only(paths: dict, batches: list[np.ndarray], device: str, threads: int | None, reps: int) -> dict:
+    """Best-of-reps images/s per model over the same batches (cast to each model's input dtype).
+
+    The passes are interleaved (model A, B, C, A, B, C, ...) so that a change in the machine's load
+    during the measurement hits every model alike.
+    """
+    runs = {}
+    for name, path in paths.items():
+        sess = session(path, device, threads)
+        inp = sess.get_inputs()[0]
+        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        feeds = [{inp.name: b.astype(dtype)} for b in batches]
+        sess.run(None, feeds[0])  # warm-up: kernels chosen, memory arenas grown
+        runs[name] = (sess, feeds, dtype)
+    best = dict.fromkeys(paths, float("inf"))
     for _ in range(reps):
-        t0 = time.perf_counter()
-        for feed in feeds:
-            sess.run(None, feed)
-        best = min(best, time.perf_counter() - t0)
-    return {"images_per_s": round(images / best, 2), "seconds": round(best, 3), "images": images,
-            "provider": sess.get_providers()[0], "input_dtype": np.dtype(dtype).name}
+        for name, (sess, feeds, _) in runs.items():
+            t0 = time.perf_counter()
+            for feed in feeds:
+                sess.run(None, feed)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    images = sum(len(b) for b in batches)
+    return {name: {"images_per_s": round(images / best[name], 2), "seconds": round(best[name], 3), "images": images,
+                   "provider": sess.get_providers()[0], "input_dtype": np.dtype(dtype).name}
+            for name, (sess, _, dtype) in runs.items()}
 
 
 def main() -> None:
@@ -81,7 +90,7 @@ def main() -> None:
     ap.add_argument("--drift-images", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--batches", type=int, default=2, help="batches timed per pass (model-only)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="also write the results here (JSON)")
@@ -117,8 +126,7 @@ def main() -> None:
                "prepare_s": {"fp16": round(t1 - t0, 1) if not fp16.cached else "cached",
                              "int8 (both schemes)": round(t2 - t1, 1)},
                "model_only": {}, "drift": {}}
-    for name, path in paths.items():
-        results["model_only"][name] = model_only(path, tensors, args.device, args.threads, args.reps)
+    results["model_only"] = model_only(paths, tensors, args.device, args.threads, args.reps)
     base = results["model_only"]["fp32"]["images_per_s"]
     for name in ("fp16", "int8-cpu", "int8-gpu"):
         results["model_only"][name]["vs_fp32"] = round(results["model_only"][name]["images_per_s"] / base, 3)
@@ -126,17 +134,19 @@ def main() -> None:
     # NMS in the model vs on the host: model time and host post-processing time, same batches.
     nms_model = with_nms(PreparedModel(model, "fp32", "", file_sha256(model), False), CONF, IOU, MAX_DET, cache)
     nc = len(info.names) or None
-    results["nms_in_model"] = {}
-    for name, path, end2end in (("host_nms", model, False), ("nms_in_model", nms_model.path, True)):
-        timing = model_only(path, tensors, args.device, args.threads, args.reps)
+    nms_paths = {"host_nms": model, "nms_in_model": nms_model.path}
+    results["nms_in_model"] = model_only(nms_paths, tensors, args.device, args.threads, args.reps)
+    for name, path in nms_paths.items():
+        end2end = name == "nms_in_model"
         sess = session(path, args.device, args.threads)
         outputs = [sess.run(None, {"images": t})[0] for t in tensors]
         t0 = time.perf_counter()
         dets = [postprocess(o, b, nc, CONF, IOU, MAX_DET, end2end) for o, b in zip(outputs, plan)]
-        host_s = time.perf_counter() - t0
-        results["nms_in_model"][name] = {**timing, "host_postprocess_ms_per_image": round(1e3 * host_s / timing["images"], 2),
-                                         "output_mb_per_image": round(outputs[0].nbytes / len(tensors[0]) / 1e6, 3),
-                                         "detections": sum(len(d) for batch in dets for d in batch)}
+        n_images = sum(len(t) for t in tensors)
+        results["nms_in_model"][name].update(
+            host_postprocess_ms_per_image=round(1e3 * (time.perf_counter() - t0) / n_images, 2),
+            output_mb_per_image=round(outputs[0].nbytes / len(tensors[0]) / 1e6, 3),
+            detections=sum(len(d) for batch in dets for d in batch))
 
     drift_plan = first_images(plan_batches(images, hw, args.batch), args.drift_images)
     engines = {name: create_engine("onnxruntime", path, device=args.device, threads=args.threads,
@@ -155,7 +165,7 @@ def main() -> None:
     reader.close()
 
     print(f"\nmodel-only throughput, {args.batch}x3x{args.imgsz}x{args.imgsz}, "
-          f"{args.batches} batches, best of {args.reps} ({args.device}):")
+          f"{args.batches} batches, best of {args.reps} interleaved ({args.device}):")
     for name, r in results["model_only"].items():
         print(f"  {name}: {r['images_per_s']:8.2f} images/s  ({r.get('vs_fp32', 1.0):.2f}x fp32, {r['provider']})")
     for name, r in results["nms_in_model"].items():
