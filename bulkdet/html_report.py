@@ -72,7 +72,7 @@ def _svg(fig) -> str:
 
 def plot_throughput(t: dict, s: dict) -> str:
     end = t["end"]
-    nbins = int(np.clip(len(end) // 2, 5, 120))
+    nbins = int(np.clip(len(end) // 4, 1, 120))  # at least ~4 batches a bin, so the rate is not just noise
     edges = np.linspace(float(np.nanmin(t["start"])), float(np.nanmax(end)), nbins + 1)
     images, _ = np.histogram(end, bins=edges, weights=t["batch_size"])
     rate = images / np.diff(edges)
@@ -120,6 +120,7 @@ def plot_batch_sizes(s: dict) -> str:
     ax.bar([str(k) for k in sizes], list(sizes.values()), color=PALETTE[0])
     ax.set_xlabel("images per batch")
     ax.set_ylabel("batches")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title("Batch sizes")
     return _svg(fig)
 

@@ -180,7 +180,8 @@ def run(cfg: RunConfig) -> RunSummary:
     input_hw = model.fixed_shape or (_round_up(cfg.imgsz, model.stride),) * 2
     max_batch = model.batch or cfg.max_batch
     fingerprint = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
-                   "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names}
+                   "imgsz": cfg.imgsz, "precision": cfg.precision,
+                   "names": {str(k): v for k, v in model.names.items()}}  # as JSON stores it, so resume matches
     done = prepare_run_dir(cfg.out, fingerprint, cfg.overwrite)
     run_id = uuid.uuid4().hex[:12]
     metadata = {"bulkdet.run_id": run_id, "bulkdet.version": __version__, "model_sha256": model.sha256,
