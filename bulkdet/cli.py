@@ -28,7 +28,7 @@ def pack(
     shard_size_mb: int = typer.Option(1024, help="Target size of one LMDB shard."),
     follow_symlinks: bool = typer.Option(False, help="Follow symbolic links (loops are detected)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Larger images get status too_large."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
     """Store every image under SRC_DIR, bytes unchanged, in LMDB shards plus a manifest."""
     from bulkdet.pack import pack as do_pack
@@ -58,7 +58,7 @@ def run(
     overwrite: bool = typer.Option(False, help="Replace a previous run in --out made with other settings."),
     dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: all cores)."),
     infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.runner import RunConfig, run as do_run
@@ -87,7 +87,7 @@ def run(
 
 @app.command()
 def report(
-    run_dirs: list[Path] = typer.Argument(..., exists=True, file_okay=False, metavar="RUN_DIR...",
+    run_dirs: list[Path] = typer.Argument(..., exists=True, file_okay=False, metavar="RUN_DIR",
                                           help="A run folder, or two to compare side by side."),
     html: Optional[Path] = typer.Option(None, "--html", dir_okay=False,
                                         help="Also write one self-contained HTML page with plots and samples."),

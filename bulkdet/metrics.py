@@ -79,6 +79,7 @@ class MetricsRecorder:
         self.batches = 0
         self.path = Path(path) if path is not None else None
         self._writer = None
+        self._written = 0  # rows in the file so far
         if self.path is not None:
             self._tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
             self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
@@ -92,7 +93,9 @@ class MetricsRecorder:
             log.warning("metrics of earlier invocations in %s have another schema; not kept", self.path)
             return
         for group in range(previous.num_row_groups):
-            self._writer.write_table(previous.read_row_group(group))
+            table = previous.read_row_group(group)
+            self._writer.write_table(table)
+            self._written += len(table)
 
     def record(self, batch, times: BatchTimes, failed: int, encoded_bytes: int = 0) -> None:
         lb = batch.letterbox
@@ -124,6 +127,7 @@ class MetricsRecorder:
     def _flush(self) -> None:
         if self.rows:
             self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self._written += len(self.rows)
             self.rows.clear()
 
     def stage_totals(self) -> dict[str, float]:
@@ -140,7 +144,7 @@ class MetricsRecorder:
         self._flush()
         self._writer.close()
         self._writer = None
-        if pq.ParquetFile(self._tmp).metadata.num_rows == 0:
+        if self._written == 0:
             self._tmp.unlink()
             return None
         return commit_file(self._tmp, self.path)
