@@ -19,7 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bulkdet.atomic import TMP_SUFFIX, _commit as commit_file
+from bulkdet.atomic import TMP_SUFFIX, write_parquet_atomic
+from bulkdet.atomic import _commit as commit_file
 
 log = logging.getLogger("bulkdet")
 
@@ -136,6 +137,11 @@ class MetricsRecorder:
     def table(self) -> pa.Table:
         """The rows still held in memory (all of them when there is no file)."""
         return pa.Table.from_pylist(self.rows, schema=self.schema)
+
+    def write(self, path: Path) -> None:
+        """All rows at once, for a recorder made without a path (streaming ones use close())."""
+        if self._writer is None and self.rows:
+            write_parquet_atomic(self.table(), path)
 
     def close(self) -> Path | None:
         """Write what is left and put the file in place; a run with no batch writes nothing new."""

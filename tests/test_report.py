@@ -215,3 +215,21 @@ def test_run_logs_device_and_progress_and_quiet_silences_it(runs, analytic_model
         r = cli("run", runs / "ds", "--model", analytic_model, "--out", tmp_path / "r2", "--imgsz", "128", "-q")
     assert r.exit_code == 3
     assert not [rec for rec in caplog.records if rec.getMessage().startswith("run: ")]
+
+
+def test_recorder_without_a_file_writes_all_rows_at_once(tmp_path):
+    from bulkdet.metrics import BatchTimes, MetricsRecorder
+    from bulkdet.plan import Batch
+
+    w, h = np.array([640, 100], np.int32), np.array([480, 400], np.int32)
+    batch = Batch(7, 0, np.array([1, 2]), ["a", "b"], [b"", b""], w, h, (320, 320), letterbox(w, h, 320, 320))
+    times = BatchTimes({s: 1.0 for s in STAGES}, {s: 1.5 for s in STAGES}, {s: 0 for s in STAGES})
+    rec = MetricsRecorder("cpu", run_id="x")
+    rec.record(batch, times, failed=1, encoded_bytes=10)
+    rec.write(tmp_path / "m.parquet")
+    row = pq.read_table(tmp_path / "m.parquet").to_pylist()[0]
+    assert (row["batch_id"], row["batch_size"], row["failed"], row["encoded_bytes"]) == (7, 2, 1, 10)
+    # 640x480 -> 320x240 and 100x400 -> 80x320 inside 320x320.
+    assert row["padding_pixels"] == 2 * 320 * 320 - (320 * 240 + 80 * 320)
+    assert row["infer_s"] == pytest.approx(0.5)
+    assert rec.stage_totals() == {s: pytest.approx(0.5) for s in STAGES}
