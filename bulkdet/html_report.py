@@ -25,6 +25,7 @@ from bulkdet.report import read_run_json, summarize, timeline
 from bulkdet.sink import detections_parts, images_parts
 
 N_SAMPLES = 6
+LABELLED_BOXES = 15  # boxes with a text label per sample (the highest scores); the rest are outlines only
 SAMPLE_SIDE = 480  # longest side of a sample thumbnail, pixels
 TIMELINE_BATCHES = 40  # batches shown in the stage timeline
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -80,13 +81,14 @@ def plot_throughput(t: dict, s: dict) -> str:
     ax = fig.add_subplot()
     ax.stairs(rate, edges, fill=True, alpha=0.35, color=PALETTE[0])
     ax.stairs(rate, edges, color=PALETTE[0], label="images/s (images written per time bin)")
-    ax.axhline(s["images_per_s"], color=PALETTE[3], ls="--", label=f"steady {s['images_per_s']:.1f} images/s")
+    label = "steady" if s["warmup_excluded"] else "whole run"
+    ax.axhline(s["images_per_s"], color=PALETTE[3], ls="--", label=f"{label}: {s['images_per_s']:.1f} images/s")
     if s["warmup_s"] > 0:
         ax.axvspan(edges[0], edges[0] + s["warmup_s"], color="#999", alpha=0.2, label="warm-up")
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("images/s")
     ax.set_title("Throughput over time")
-    ax.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     return _svg(fig)
 
 
@@ -108,8 +110,8 @@ def plot_stages(t: dict, s: dict) -> str:
     share_ax.barh(range(len(stages)), shares, color=colors)
     share_ax.set_yticks(range(len(stages)), stages)
     share_ax.invert_yaxis()
-    share_ax.set_xlabel("% of the run busy")
-    share_ax.set_title("Busy share (red: bottleneck)", fontsize=10)
+    share_ax.set_xlabel("% of the run busy\n(red: the bottleneck)")
+    share_ax.set_title("Busy share", fontsize=10)
     return _svg(fig)
 
 
@@ -197,10 +199,13 @@ def draw_sample(data: bytes, boxes: list[dict]) -> str:
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=13)
-    for b in boxes:
+    boxes = sorted(boxes, key=lambda b: -b["score"])
+    for rank, b in enumerate(boxes):
         color = PALETTE[b["class_id"] % len(PALETTE)]
         x1, y1, x2, y2 = (v * scale for v in (b["x1"], b["y1"], b["x2"], b["y2"]))
         draw.rectangle((x1, y1, x2, y2), outline=color, width=2)
+        if rank >= LABELLED_BOXES:
+            continue
         label = f"{b['class_name']} {b['score']:.2f}"
         left, top, right, bottom = draw.textbbox((x1, y1), label, font=font)
         ty = y1 - (bottom - top) - 4 if y1 - (bottom - top) - 4 >= 0 else y1
@@ -272,7 +277,8 @@ def render_html(run_dir: Path) -> str:
     metrics = read_metrics(run_dir)
     if metrics is not None and len(metrics):
         t = timeline(metrics)
-        cards += [_card(f"{s['images_per_s']:.1f}", "images/s (warm-up excluded)"),
+        rate_label = "images/s (warm-up excluded)" if s["warmup_excluded"] else "images/s (whole run)"
+        cards += [_card(f"{s['images_per_s']:.1f}", rate_label),
                   _card(f"{s['megapixels_per_s']:.1f}", "megapixels/s"),
                   _card(f"{s['latency_s']['p50']:.3f} s", "batch latency p50"),
                   _card(s["bottleneck"], "bottleneck stage"),

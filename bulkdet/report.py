@@ -8,6 +8,10 @@ Warm-up: a run spends its first seconds loading the model, building the DALI pip
 filling the queues. Throughput is therefore measured from the moment the first batch was
 written (the pipeline is full and every stage has run once) to the last: images of the batches
 written in that window divided by its length. The whole span, warm-up included, is reported too.
+Right after the first batch, the batches already in flight can come out in a burst; a window
+of fewer than MIN_STEADY_BATCHES batches (more than the pipeline holds in flight: 5 stages,
+each with a queue of 2 and one batch in work) would be dominated by that burst, so a run that
+short is measured over its whole span instead, and the report says so.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from bulkdet.sink import IMAGES_SCHEMA, detections_parts, images_parts
 
 FIRST_FAILURES = 3  # paths shown per failure status
 SCORE_BINS = 50  # score histogram bins over 0..1
+MIN_STEADY_BATCHES = 16  # batches after the first one out, to measure a steady rate (see above)
 # What to try when a stage is the busiest one.
 HINTS = {
     "read": "reading shards: faster storage, or fewer, larger reads (bigger batches)",
@@ -161,7 +166,8 @@ def timing_summary(metrics: pa.Table) -> dict:
     processed = int(t["batch_size"].sum())
     span = float(np.nanmax(t["end"]) - np.nanmin(t["start"]))
     steady, steady_s, warmup_s = steady_window(t)
-    if steady_s <= 0:  # a single batch: no steady window to measure, use the whole span
+    warmup_excluded = steady.sum() >= MIN_STEADY_BATCHES and steady_s > 0
+    if not warmup_excluded:  # too short to tell warm-up from steady state: the whole span
         steady, steady_s, warmup_s = np.ones(n, bool), span, 0.0
     steady_s = max(steady_s, 1e-9)
     latency = t["end"] - t["start"]
@@ -173,7 +179,7 @@ def timing_summary(metrics: pa.Table) -> dict:
     input_px = int(t["input_pixels"].sum())
     return {
         "batches": n, "processed": processed, "invocations": len(set(t["run_id"].tolist())),
-        "elapsed_s": span, "warmup_s": warmup_s, "warmup_batches": int(n - steady.sum()), "steady_s": steady_s,
+        "elapsed_s": span, "warmup_excluded": bool(warmup_excluded), "warmup_s": warmup_s, "warmup_batches": int(n - steady.sum()), "steady_s": steady_s,
         "images_per_s": float(t["batch_size"][steady].sum() / steady_s),
         "megapixels_per_s": float(t["original_pixels"][steady].sum() / steady_s / 1e6),
         "input_megapixels_per_s": float(t["input_pixels"][steady].sum() / steady_s / 1e6),
@@ -221,16 +227,19 @@ def print_report(run_dir: Path, console: Console | None = None) -> dict:
 
 
 def _print_timing(console: Console, s: dict) -> None:
-    t = Table(title="throughput", title_justify="left", show_header=False,
-              caption="warm-up excluded: measured from the first batch written to the last", caption_justify="left")
+    caption = ("warm-up excluded: measured from the first batch written to the last" if s["warmup_excluded"] else
+               f"measured over the whole run: {s['batches']} batches are too few to tell warm-up from steady state")
+    t = Table(title="throughput", title_justify="left", show_header=False, caption=caption, caption_justify="left")
     t.add_column("what")
     t.add_column("value", justify="right")
     t.add_row("images/s", f"{s['images_per_s']:.1f}")
     t.add_row("megapixels/s (originals)", f"{s['megapixels_per_s']:.1f}")
     t.add_row("megapixels/s (model input)", f"{s['input_megapixels_per_s']:.1f}")
     t.add_row("MB/s read", f"{s['mb_per_s']:.1f}")
-    t.add_row("warm-up", f"{s['warmup_s']:.2f} s, {s['warmup_batches']} batch(es)")
-    t.add_row("whole span, warm-up included", f"{s['overall_images_per_s']:.1f} images/s over {s['elapsed_s']:.2f} s")
+    if s["warmup_excluded"]:
+        t.add_row("warm-up", f"{s['warmup_s']:.2f} s, {s['warmup_batches']} batch(es)")
+        t.add_row("whole span, warm-up included",
+                  f"{s['overall_images_per_s']:.1f} images/s over {s['elapsed_s']:.2f} s")
     lat = s["latency_s"]
     t.add_row("batch latency p50 / p90 / p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} s")
     t.add_row("padding waste", f"{s['padding_share']:.1%} of {s['input_megapixels']:.1f} input megapixels")

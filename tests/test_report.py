@@ -110,27 +110,36 @@ def _metrics(batches: list[tuple[float, float, int]], run_id: str = "r1") -> pa.
 
 def test_warm_up_is_excluded_from_throughput():
     # The first batch comes out after 10 s (model load, pipeline fill), then one every second.
-    batches = [(0.0, 10.0, 8)] + [(9.0 + i, 11.0 + i, 8) for i in range(4)]
+    batches = [(0.0, 10.0, 8)] + [(9.0 + i, 11.0 + i, 8) for i in range(20)]
     s = timing_summary(_metrics(batches))
+    assert s["warmup_excluded"]
     assert s["warmup_s"] == pytest.approx(10.0)
     assert s["warmup_batches"] == 1
-    assert s["steady_s"] == pytest.approx(4.0)
-    assert s["images_per_s"] == pytest.approx(32 / 4.0)  # warm-up excluded
-    assert s["overall_images_per_s"] == pytest.approx(40 / 14.0)  # whole span
-    assert s["megapixels_per_s"] == pytest.approx(32 * 0.1 / 4.0)
-    assert s["mb_per_s"] == pytest.approx(32 * 1.0 / 4.0)
+    assert s["steady_s"] == pytest.approx(20.0)
+    assert s["images_per_s"] == pytest.approx(160 / 20.0)  # warm-up excluded
+    assert s["overall_images_per_s"] == pytest.approx(168 / 30.0)  # whole span
+    assert s["megapixels_per_s"] == pytest.approx(160 * 0.1 / 20.0)
+    assert s["mb_per_s"] == pytest.approx(160 * 1.0 / 20.0)
     assert s["padding_share"] == pytest.approx(0.25)
     assert s["latency_s"]["p50"] == pytest.approx(2.0)
 
 
+def test_a_run_too_short_for_a_steady_window_is_measured_over_its_whole_span():
+    # Batches in flight come out in a burst right after the first: 4 more within 0.1 s.
+    batches = [(0.0, 10.0, 8)] + [(1.0 + i, 10.0 + 0.025 * (i + 1), 8) for i in range(4)]
+    s = timing_summary(_metrics(batches))
+    assert not s["warmup_excluded"] and s["warmup_s"] == 0
+    assert s["images_per_s"] == pytest.approx(s["overall_images_per_s"]) == pytest.approx(40 / 10.1)
+
+
 def test_invocations_of_a_resumed_run_are_laid_end_to_end():
-    a = _metrics([(0.0, 2.0, 4), (1.0, 3.0, 4)], "first")
-    b = _metrics([(0.0, 5.0, 4), (4.0, 6.0, 4)], "second")  # its own clock starts at 0 again
+    a = _metrics([(0.0, 2.0, 4)] + [(1.0 + i, 3.0 + i, 4) for i in range(10)], "first")
+    b = _metrics([(0.0, 5.0, 4)] + [(4.0 + i, 6.0 + i, 4) for i in range(10)], "second")  # its own clock
     s = timing_summary(pa.concat_tables([a, b]))
-    assert s["invocations"] == 2
-    assert s["elapsed_s"] == pytest.approx(3.0 + 6.0)
+    assert s["invocations"] == 2 and s["warmup_excluded"]
+    assert s["elapsed_s"] == pytest.approx(12.0 + 15.0)
     assert s["warmup_s"] == pytest.approx(2.0 + 5.0)
-    assert s["images_per_s"] == pytest.approx(8 / (1.0 + 1.0))
+    assert s["images_per_s"] == pytest.approx(80 / (10.0 + 10.0))
 
 
 def test_resume_keeps_the_metrics_of_the_first_invocation(tmp_path, analytic_model):
