@@ -28,7 +28,7 @@ def pack(
     shard_size_mb: int = typer.Option(1024, help="Target size of one LMDB shard."),
     follow_symlinks: bool = typer.Option(False, help="Follow symbolic links (loops are detected)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Larger images get status too_large."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
     """Store every image under SRC_DIR, bytes unchanged, in LMDB shards plus a manifest."""
     from bulkdet.pack import pack as do_pack
@@ -58,7 +58,7 @@ def run(
     overwrite: bool = typer.Option(False, help="Replace a previous run in --out made with other settings."),
     dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: all cores)."),
     infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.runner import RunConfig, run as do_run
@@ -87,16 +87,45 @@ def run(
 
 @app.command()
 def report(
-    run_dir: Path = typer.Argument(..., exists=True, file_okay=False),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    run_dirs: list[Path] = typer.Argument(..., exists=True, file_okay=False, metavar="RUN_DIR",
+                                          help="A run folder, or two to compare side by side."),
+    html: Optional[Path] = typer.Option(None, "--html", dir_okay=False,
+                                        help="Also write one self-contained HTML page with plots and samples."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (or the comparison) as JSON."),
 ):
-    """Summarise a run: throughput, time per stage, failures, detections per class."""
-    from bulkdet.report import print_report, summarize
+    """Summarise a run: throughput, where the time went, padding, failures, detections per class."""
+    from bulkdet.report import compare, print_compare, print_report, summarize
+
+    if len(run_dirs) > 2:
+        raise typer.BadParameter("give one run folder, or two to compare", param_hint="RUN_DIR")
+    if html is not None and len(run_dirs) != 1:
+        raise typer.BadParameter("--html takes one run folder", param_hint="--html")
+    try:
+        if as_json:
+            s = summarize(run_dirs[0]) if len(run_dirs) == 1 else compare(*map(summarize, run_dirs))
+            typer.echo(json.dumps(s, indent=2, default=str))
+        elif len(run_dirs) == 1:
+            print_report(run_dirs[0])
+        else:
+            print_compare(*run_dirs)
+        if html is not None:
+            from bulkdet.html_report import write_html
+
+            typer.echo(f"HTML report: {write_html(run_dirs[0], html)}", err=as_json)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """What this machine can do: DALI, GPUs, ONNX Runtime providers, TensorRT, and why not."""
+    from bulkdet.info import print_info, probe
 
     if as_json:
-        typer.echo(json.dumps(summarize(run_dir), indent=2, default=str))
+        typer.echo(json.dumps(probe(), indent=2, default=str))
     else:
-        print_report(run_dir)
+        print_info()
 
 
 @app.command()

@@ -25,6 +25,7 @@ from bulkdet.metrics import BatchTimes, MetricsRecorder
 from bulkdet.models import load_model_info
 from bulkdet.plan import Batch, plan_batches
 from bulkdet.postprocess import postprocess
+from bulkdet.progress import Progress
 from bulkdet.sink import RunSink, prepare_run_dir, read_images
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader
@@ -72,6 +73,7 @@ class _Work:
     def __init__(self, batch: Batch):
         self.batch = batch
         self.encoded = None
+        self.encoded_bytes = 0
         self.decoded = None
         self.outputs = None
         self.detections = None
@@ -178,12 +180,14 @@ def run(cfg: RunConfig) -> RunSummary:
     input_hw = model.fixed_shape or (_round_up(cfg.imgsz, model.stride),) * 2
     max_batch = model.batch or cfg.max_batch
     fingerprint = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
-                   "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names}
+                   "imgsz": cfg.imgsz, "precision": cfg.precision,
+                   "names": {str(k): v for k, v in model.names.items()}}  # as JSON stores it, so resume matches
     done = prepare_run_dir(cfg.out, fingerprint, cfg.overwrite)
     run_id = uuid.uuid4().hex[:12]
     metadata = {"bulkdet.run_id": run_id, "bulkdet.version": __version__, "model_sha256": model.sha256,
                 "conf": cfg.conf, "iou": cfg.iou, "imgsz": cfg.imgsz, "precision": cfg.precision}
     run_json = {"run_id": run_id, "state": "running", "started": t_start,
+                "dataset": str(Path(cfg.dataset).resolve()),
                 "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
                 "model": {"path": str(cfg.model), "sha256": model.sha256, "names": model.names,
                           "input_hw": input_hw, "input_dtype": np.dtype(model.input_dtype).name},
@@ -206,16 +210,17 @@ def run(cfg: RunConfig) -> RunSummary:
     decoder = Decoder(device, max_batch, cfg.dali_threads, out_dtype=model.input_dtype)
     reader = ShardReader(Path(cfg.dataset) / "shards")
     sink = RunSink(cfg.out, model.names, metadata, cfg.commit_images)
-    metrics = MetricsRecorder(device)
+    metrics = MetricsRecorder(device, cfg.out / "metrics.parquet", run_id)
     if len(bad):
         sink.add_images(-1, bad.column("image_id").to_pylist(), bad.column("path").to_pylist(),
                         bad.column("width").to_pylist(), bad.column("height").to_pylist(),
                         bad.column("status").to_pylist(), bad.column("error").to_pylist(), [None] * len(bad))
 
-    progress = _progress(len(good), cfg.quiet)
+    progress = Progress(len(good), quiet=cfg.quiet)
 
     def read(work: _Work):
         work.encoded = reader.get_many(work.batch.shard, work.batch.keys)
+        work.encoded_bytes = sum(len(data) for data in work.encoded if data is not None)
 
     def decode(work: _Work):
         missing = {i: "bytes missing from shard" for i, data in enumerate(work.encoded) if data is None}
@@ -236,13 +241,10 @@ def run(cfg: RunConfig) -> RunSummary:
         sink.add_images(batch.shard, batch.image_ids, batch.paths, batch.width, batch.height, status,
                         [errors.get(i) for i in range(len(batch))],
                         [None if i in errors else d for i, d in enumerate(work.detections)])
-        progress.failed += len(errors)
-        progress.update(len(batch))
-        if errors:
-            progress.set_postfix(failed=progress.failed, refresh=False)
+        progress.update(len(batch), work.encoded_bytes, len(errors))
 
     def record(work: _Work):
-        metrics.record(work.batch, work.times, len(work.decoded.errors))
+        metrics.record(work.batch, work.times, len(work.decoded.errors), work.encoded_bytes)
 
     pipeline = _StagePipeline([("read", read), ("decode", decode), ("infer", infer),
                                ("postprocess", post), ("write", write)], on_done=record)
@@ -253,7 +255,7 @@ def run(cfg: RunConfig) -> RunSummary:
         sink.close()
         progress.close()
         reader.close()
-    metrics.write(cfg.out / "metrics.parquet")
+        metrics.close()
 
     statuses = read_images(cfg.out, ["status", "n_det"])
     by_status = Counter(statuses.column("status").to_pylist())
@@ -275,11 +277,3 @@ def pa_array(values):
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
-
-
-def _progress(total: int, quiet: bool):
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="img", desc="run", disable=quiet, dynamic_ncols=True)
-    bar.failed = 0
-    return bar
