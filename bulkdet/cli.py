@@ -25,7 +25,7 @@ def _setup_logging(quiet: bool) -> None:
 def pack(
     src_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of images (walked recursively)."),
     out: Path = typer.Option(..., "--out", help="Dataset folder to create or extend."),
-    shard_size_mb: int = typer.Option(1024, help="Target size of one LMDB shard."),
+    shard_size_mb: float = typer.Option(1024, help="Target size of one LMDB shard (MB; fractions allowed)."),
     follow_symlinks: bool = typer.Option(False, help="Follow symbolic links (loops are detected)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Larger images get status too_large."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
@@ -59,6 +59,9 @@ def run(
     dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: all cores)."),
     infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Spread the shards over a Ray cluster (pip install 'bulkdet[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, or a local one)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Ray workers (default: one per GPU, or one per machine)."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.runner import RunConfig, run as do_run
@@ -72,8 +75,15 @@ def run(
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"--{name}")
     cfg = RunConfig(dataset_dir, model, out, device, backend, imgsz, max_batch, conf, iou, max_det, names,
                     precision, overwrite, dali_threads, infer_threads, quiet=quiet)
+    if not use_ray and (ray_address or workers):
+        raise typer.BadParameter("needs --ray", param_hint="--ray-address/--workers")
     try:
-        s = do_run(cfg)
+        if use_ray:
+            from bulkdet.distributed import run_on_ray
+
+            s = run_on_ray(cfg, ray_address, workers)
+        else:
+            s = do_run(cfg)
     except (ConfigMismatch, FileNotFoundError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from bulkdet import __version__
@@ -22,7 +23,7 @@ from bulkdet.atomic import write_json_atomic
 from bulkdet.decode import Decoder
 from bulkdet.engines import create_engine
 from bulkdet.metrics import BatchTimes, MetricsRecorder
-from bulkdet.models import load_model_info
+from bulkdet.models import ModelInfo, load_model_info
 from bulkdet.plan import Batch, plan_batches
 from bulkdet.postprocess import postprocess
 from bulkdet.progress import Progress
@@ -174,11 +175,42 @@ def environment() -> dict:
 
 
 def run(cfg: RunConfig) -> RunSummary:
+    device = resolve_device(cfg.device)
+    prepared = prepare_run(cfg)
+    processor = ShardProcessor(cfg, prepared.model, device)
+    sink = RunSink(cfg.out, prepared.model.names, prepared.metadata, cfg.commit_images)
+    metrics = MetricsRecorder(device, cfg.out / "metrics.parquet", prepared.run_json["run_id"])
+    progress = Progress(len(prepared.todo), quiet=cfg.quiet)
+    try:
+        add_unstored(sink, prepared.unstored)
+        run_stages(processor, prepared.todo, sink, metrics, progress)
+    finally:
+        # Rows already buffered are complete results: commit them so a re-run resumes after them.
+        sink.close()
+        progress.close()
+        processor.close()
+        metrics.close()
+    return finish_run(cfg, prepared, metrics, device=device, backend=processor.engine.name,
+                      provider=processor.engine.provider)
+
+
+@dataclass
+class PreparedRun:
+    """What a run decides once, before any image is processed (the driver's half of a run)."""
+
+    model: ModelInfo
+    metadata: dict  # key-value metadata of every part
+    run_json: dict
+    todo: pa.Table  # manifest rows with bytes in a shard, not committed yet
+    unstored: pa.Table  # manifest rows with no bytes (failed at pack), not committed yet
+    t_start: float
+
+
+def prepare_run(cfg: RunConfig) -> PreparedRun:
+    """Checks RUN_DIR's fingerprint, writes run.json (running), returns the rows left to do."""
     t_start = time.time()
     model = load_model_info(cfg.model, cfg.names)
-    device = resolve_device(cfg.device)
-    input_hw = model.fixed_shape or (_round_up(cfg.imgsz, model.stride),) * 2
-    max_batch = model.batch or cfg.max_batch
+    input_hw = _input_hw(model, cfg)
     fingerprint = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                    "imgsz": cfg.imgsz, "precision": cfg.precision,
                    "names": {str(k): v for k, v in model.names.items()}}  # as JSON stores it, so resume matches
@@ -202,21 +234,48 @@ def run(cfg: RunConfig) -> RunSummary:
     is_ok = pc.equal(manifest.column("status"), "ok")
     bad = manifest.filter(pc.invert(is_ok))
     good = manifest.filter(is_ok)
-    batches = plan_batches(good, input_hw, max_batch)
+    return PreparedRun(model, metadata, run_json, good, bad, t_start)
 
-    engine = create_engine("onnxruntime", cfg.model, device=device, threads=cfg.infer_threads)
-    log.info("device=%s backend=%s provider=%s input=%s batches=%d", device, engine.name, engine.provider,
-             input_hw, len(batches))
-    decoder = Decoder(device, max_batch, cfg.dali_threads, out_dtype=model.input_dtype)
-    reader = ShardReader(Path(cfg.dataset) / "shards")
-    sink = RunSink(cfg.out, model.names, metadata, cfg.commit_images)
-    metrics = MetricsRecorder(device, cfg.out / "metrics.parquet", run_id)
+
+def add_unstored(sink: RunSink, bad: pa.Table) -> None:
+    """Images that failed at pack have no bytes to process: their rows go out as they are."""
     if len(bad):
         sink.add_images(-1, bad.column("image_id").to_pylist(), bad.column("path").to_pylist(),
                         bad.column("width").to_pylist(), bad.column("height").to_pylist(),
                         bad.column("status").to_pylist(), bad.column("error").to_pylist(), [None] * len(bad))
 
-    progress = Progress(len(good), quiet=cfg.quiet)
+
+class ShardProcessor:
+    """Engine, decoder and shard reader, built once per process and reused for any rows.
+
+    A local run holds one; a Ray actor holds one for the shards it is given.
+    """
+
+    def __init__(self, cfg: RunConfig, model: ModelInfo, device: str):
+        self.cfg = cfg
+        self.model = model
+        self.device = device
+        self.input_hw = _input_hw(model, cfg)
+        self.max_batch = model.batch or cfg.max_batch
+        self.engine = create_engine("onnxruntime", cfg.model, device=device, threads=cfg.infer_threads)
+        self.decoder = Decoder(device, self.max_batch, cfg.dali_threads, out_dtype=model.input_dtype)
+        self.reader = ShardReader(Path(cfg.dataset) / "shards")
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def run_stages(processor: ShardProcessor, good: pa.Table, sink: RunSink, metrics: MetricsRecorder,
+               progress) -> None:
+    """Runs manifest rows (status ok) through read -> ... -> write into `sink`.
+
+    `progress` counts what was written: a `Progress` (shown or quiet).
+    """
+    cfg, model, device, input_hw = processor.cfg, processor.model, processor.device, processor.input_hw
+    engine, decoder, reader = processor.engine, processor.decoder, processor.reader
+    batches = plan_batches(good, input_hw, processor.max_batch)
+    log.info("device=%s backend=%s provider=%s input=%s batches=%d", device, engine.name, engine.provider,
+             input_hw, len(batches))
 
     def read(work: _Work):
         work.encoded = reader.get_many(work.batch.shard, work.batch.keys)
@@ -248,23 +307,19 @@ def run(cfg: RunConfig) -> RunSummary:
 
     pipeline = _StagePipeline([("read", read), ("decode", decode), ("infer", infer),
                                ("postprocess", post), ("write", write)], on_done=record)
-    try:
-        pipeline.run(_Work(b) for b in batches)
-    finally:
-        # Rows already buffered are complete results: commit them so a re-run resumes after them.
-        sink.close()
-        progress.close()
-        reader.close()
-        metrics.close()
+    pipeline.run(_Work(b) for b in batches)
 
+
+def finish_run(cfg: RunConfig, prepared: PreparedRun, metrics: MetricsRecorder, **run_info) -> RunSummary:
+    """Totals from the committed parts; run.json marked complete with `run_info` (device, backend...)."""
+    run_json = prepared.run_json
     statuses = read_images(cfg.out, ["status", "n_det"])
     by_status = Counter(statuses.column("status").to_pylist())
     summary = RunSummary(
         images=len(statuses), failed=len(statuses) - by_status.get("ok", 0),
         detections=int(pc.sum(statuses.column("n_det")).as_py() or 0), by_status=dict(by_status),
-        wall_s=time.time() - t_start, processed=len(good), stage_s=metrics.stage_totals())
-    run_json.update(state="complete", finished=time.time(), totals=asdict(summary),
-                    device=device, backend=engine.name, provider=engine.provider)
+        wall_s=time.time() - prepared.t_start, processed=len(prepared.todo), stage_s=metrics.stage_totals())
+    run_json.update(state="complete", finished=time.time(), totals=asdict(summary), **run_info)
     write_json_atomic(run_json, cfg.out / "run.json")
     return summary
 
@@ -277,3 +332,7 @@ def pa_array(values):
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def _input_hw(model: ModelInfo, cfg: RunConfig) -> tuple[int, int]:
+    return model.fixed_shape or (_round_up(cfg.imgsz, model.stride),) * 2
