@@ -59,7 +59,7 @@ def run(
     dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: all cores)."),
     infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
-    use_ray: bool = typer.Option(False, "--ray", help="Spread the shards over a Ray cluster (pip install 'bulkdet[ray]')."),
+    use_ray: bool = typer.Option(False, "--ray", help="Spread the shards over a Ray cluster (needs bulkdet[ray])."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, or a local one)."),
     workers: Optional[int] = typer.Option(None, min=1, help="Ray workers (default: one per GPU, or one per machine)."),
 ):

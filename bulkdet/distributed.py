@@ -66,9 +66,9 @@ class ShardWorker:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.processor.device,
                 "backend": engine.name, "provider": engine.provider}
 
-    def progress(self) -> tuple[int | None, int]:
-        """(shard being processed, images of it written so far): called while process_shard runs."""
-        return self.shard, self.count.n
+    def progress(self) -> tuple[int | None, int, int]:
+        """(shard being processed, images of it written so far, failed): called while process_shard runs."""
+        return self.shard, self.count.n, self.count.failed
 
     def process_shard(self, shard: int, rows: pa.Table, metadata: dict) -> dict:
         """Runs one shard's rows (status ok) and commits them; returns its metrics and counts."""
@@ -76,14 +76,15 @@ class ShardWorker:
         if committed:
             rows = rows.filter(pc.invert(pc.is_in(rows.column("image_id"), pa_array(committed))))
         self.shard, self.count = shard, _Count()
-        sink = RunSink(self.cfg.out, self.processor.model.names, metadata, self.cfg.commit_images)
+        worker = {"bulkdet.worker": f"{socket.gethostname()}:{os.getpid()}"}  # in each part's metadata
+        sink = RunSink(self.cfg.out, self.processor.model.names, {**metadata, **worker}, self.cfg.commit_images)
         metrics = MetricsRecorder(self.processor.device)
         t0_wall = time.time()  # metrics times are relative to metrics.t0, taken just before
         try:
             run_stages(self.processor, rows, sink, metrics, self.count)
         finally:
             sink.close()
-        return {"shard": shard, "images": len(rows), "already_committed": len(committed), "pid": os.getpid(),
+        return {"shard": shard, "images": len(rows), "failed": self.count.failed, "pid": os.getpid(),
                 "host": socket.gethostname(), "t0_wall": t0_wall, "metrics": metrics.rows}
 
 
@@ -193,7 +194,7 @@ def _schedule(ray, pool: _Pool, shards: dict[int, pa.Table], metadata: dict, pro
     starting = {a.info.remote(): i for i, a in enumerate(pool.actors)}
     running: dict = {}  # task ref -> (actor index, shard, pid of the worker it was given to)
     probes: dict = {}  # progress ref -> actor index
-    seen: dict[int, int] = {}  # shard -> most images reported written
+    seen: dict[int, tuple[int, int]] = {}  # shard -> (images written, failed) as last reported
     results, redone = [], set()
     last_poll = 0.0
 
@@ -225,13 +226,17 @@ def _schedule(ray, pool: _Pool, shards: dict[int, pa.Table], metadata: dict, pro
             if result["pid"] != pid:  # the worker died and Ray redid the shard in a new process
                 redone.add(shard)
                 pool.info[i] = {**pool.info[i], "pid": result["pid"], "host": result["host"]}
-            seen[shard] = total[shard]
+            seen[shard] = (total[shard], result["failed"])
             results.append(result)
             give(i)
-        if time.monotonic() - last_poll >= POLL_S:
+        polled = time.monotonic() - last_poll >= POLL_S
+        if polled:
             last_poll = time.monotonic()
             _poll_progress(ray, pool, running, probes, seen)
-            progress.n = sum(min(n, total[s]) for s, n in seen.items())
+        if ready or polled:
+            # A redone shard counts its images once: never more than the shard holds.
+            progress.n = sum(min(n, total[s]) for s, (n, _) in seen.items())
+            progress.set_postfix(failed=sum(f for _, f in seen.values()), refresh=False)
             progress.refresh()
     return results, redone
 
@@ -245,11 +250,11 @@ def _poll_progress(ray, pool: _Pool, running: dict, probes: dict, seen: dict) ->
         for ref in ready:
             probes.pop(ref)
             try:
-                shard, n = ray.get(ref, timeout=0)
+                shard, n, failed = ray.get(ref, timeout=0)
             except (RayError, GetTimeoutError):
                 continue  # a worker that died answers again once restarted
-            if shard is not None:
-                seen[shard] = max(seen.get(shard, 0), n)
+            if shard is not None and n >= seen.get(shard, (0, 0))[0]:
+                seen[shard] = (n, failed)
     asked = set(probes.values())
     for i, _, _ in running.values():
         if i not in asked:
@@ -261,8 +266,7 @@ def merge_metrics(results: list[dict], t0_wall: float) -> list[dict]:
     rows = []
     for result in sorted(results, key=lambda r: r["shard"]):
         shift = result["t0_wall"] - t0_wall
-        worker = f"{result['host']}:{result['pid']}"
         for row in result["metrics"]:
             row = {k: v + shift if k.endswith(("_start", "_end")) else v for k, v in row.items()}
-            rows.append({**row, "batch_id": len(rows), "worker": worker})
+            rows.append({**row, "batch_id": len(rows)})
     return rows

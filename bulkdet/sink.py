@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -81,6 +80,24 @@ def read_detections(run_dir: Path, columns: list[str] | None = None) -> pa.Table
     return pa.concat_tables(tables, promote_options="permissive").unify_dictionaries()
 
 
+def resume_shard(run_dir: Path, shard: int) -> set[int]:
+    """Image ids of one shard already committed, after removing that shard's leftovers.
+
+    For redoing a shard whose worker died while other workers go on writing other shards:
+    only this shard's temporary files and uncommitted detections parts are touched.
+    """
+    run_dir = Path(run_dir)
+    pattern = f"part-{_label(shard)}-*.parquet"
+    for tmp in run_dir.glob(f"*/{pattern}{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+    committed = sorted((run_dir / "images").glob(pattern))
+    names = {p.name for p in committed}
+    for p in (run_dir / "detections").glob(pattern):
+        if p.name not in names:
+            p.unlink(missing_ok=True)
+    return {i for p in committed for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist()}
+
+
 class ConfigMismatch(Exception):
     pass
 
@@ -100,7 +117,6 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict, overwrite: bool) -> set[in
             (run_dir / name).unlink(missing_ok=True)
     elif state.exists():
         previous = json.loads(state.read_text())
-        fingerprint = json.loads(json.dumps(fingerprint))  # as stored: JSON keys are strings
         changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
         if changed:
             raise ConfigMismatch(
@@ -121,24 +137,6 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict, overwrite: bool) -> set[in
             p.unlink()
     done = read_images(run_dir, ["image_id"]).column("image_id")
     return set(done.to_numpy().tolist())
-
-
-def resume_shard(run_dir: Path, shard: int) -> set[int]:
-    """Image ids of one shard already committed, after removing that shard's leftovers.
-
-    For redoing a shard whose worker died while other workers go on writing other shards:
-    only this shard's temporary files and uncommitted detections parts are touched.
-    """
-    run_dir = Path(run_dir)
-    pattern = f"part-{_label(shard)}-*.parquet"
-    for tmp in run_dir.glob(f"*/{pattern}{TMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
-    committed = sorted((run_dir / "images").glob(pattern))
-    names = {p.name for p in committed}
-    for p in (run_dir / "detections").glob(pattern):
-        if p.name not in names:
-            p.unlink(missing_ok=True)
-    return {i for p in committed for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist()}
 
 
 class RunSink:
@@ -217,8 +215,7 @@ class RunSink:
                              compression="zstd")
         failed = int(pc.sum(pc.not_equal(images.column("status"), "ok")).as_py() or 0)
         self.journal.write(json.dumps({"part": name, "images": len(images), "failed": failed,
-                                       "detections": len(dets), "time": time.time(),
-                                       "host": socket.gethostname(), "pid": os.getpid()}) + "\n")
+                                       "detections": len(dets), "time": time.time()}) + "\n")
         self.journal.flush()
         os.fsync(self.journal.fileno())
         self.next_seq[label] = seq + 1

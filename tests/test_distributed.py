@@ -8,7 +8,9 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import ray
 
@@ -99,13 +101,12 @@ def test_killed_worker_redoes_only_its_shard(ray_cluster, dataset, analytic_mode
     done = threading.Event()
 
     def kill_after_first_commit():
-        journal = out / "journal.jsonl"
         while not done.is_set():
-            lines = journal.read_text().splitlines() if journal.exists() else []
-            first = next((json.loads(ln) for ln in lines if "unstored" not in ln), None)
-            if first:
-                os.kill(first["pid"], signal.SIGKILL)
-                killed.update(first)
+            parts = [p for p in (out / "images").glob("part-s*.parquet")] if (out / "images").exists() else []
+            if parts:
+                host, pid = _worker(parts[0]).rsplit(":", 1)
+                os.kill(int(pid), signal.SIGKILL)
+                killed.update(part=parts[0].name, worker=f"{host}:{pid}")
                 return
             time.sleep(0.005)
 
@@ -123,15 +124,20 @@ def test_killed_worker_redoes_only_its_shard(ray_cluster, dataset, analytic_mode
     shard = int(killed["part"].split("-")[1][1:])
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["ray"]["redone_shards"] == [shard]
-    assert killed["pid"] not in {w["pid"] for w in run_json["ray"]["workers"]}
+    live = {f"{w['host']}:{w['pid']}" for w in run_json["ray"]["workers"]}
+    assert killed["worker"] not in live
     images, dets = _rows(out)
     assert images == local_rows[0]  # no row missing, none twice
     assert dets == local_rows[1]
     assert summary.images == 42
     # The killed shard's parts come from two processes: the redo kept what was committed before.
-    pids = {json.loads(ln)["pid"] for ln in (out / "journal.jsonl").read_text().splitlines()
-            if f"part-s{shard:05d}-" in ln}
-    assert killed["pid"] in pids
+    writers = {_worker(p) for p in (out / "images").glob(f"part-s{shard:05d}-*.parquet")}
+    assert killed["worker"] in writers and len(writers) == 2
+
+
+def _worker(part) -> str:
+    """host:pid of the worker that committed a part (from the part's key-value metadata)."""
+    return pq.read_schema(part).metadata[b"bulkdet.worker"].decode()
 
 
 def test_ray_resume_skips_committed_shards(ray_cluster, dataset, analytic_model, local_rows, tmp_path):
@@ -147,3 +153,37 @@ def test_ray_resume_skips_committed_shards(ray_cluster, dataset, analytic_model,
     assert dets == local_rows[1]
     ids = read_images(out, ["image_id"]).column("image_id")
     assert pc.count_distinct(ids).as_py() == len(ids)
+
+
+def test_resume_shard_removes_only_that_shards_leftovers(tmp_path):
+    """What a worker killed between writing a detections part and its images part leaves behind."""
+    from bulkdet.postprocess import Detections
+    from bulkdet.sink import RunSink, resume_shard
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "detections").mkdir()
+    sink = RunSink(tmp_path, {0: "red"}, {}, commit_images=2)
+    det = Detections(np.array([[1, 2, 3, 4]], np.float32), np.array([0.9], np.float32), np.array([0]))
+    for shard, ids in ((3, [10, 11]), (3, [12, 13]), (4, [20, 21])):
+        sink.add_images(shard, ids, [f"{i}.jpg" for i in ids], [8, 8], [8, 8], ["ok", "ok"], [None, None], [det, det])
+    sink.close()
+    # Shard 3's third part: detections written, images part not (the kill came in between).
+    committed_dets = (tmp_path / "detections" / "part-s00003-00000.parquet").read_bytes()
+    for name in ("part-s00003-00002.parquet", "part-s00004-00001.parquet"):
+        (tmp_path / "detections" / name).write_bytes(committed_dets)
+    (tmp_path / "images" / "part-s00003-00002.parquet.tmp").write_bytes(b"torn")
+    (tmp_path / "images" / "part-s00004-00001.parquet.tmp").write_bytes(b"torn")
+
+    assert resume_shard(tmp_path, 3) == {10, 11, 12, 13}
+    assert not (tmp_path / "detections" / "part-s00003-00002.parquet").exists()
+    assert not (tmp_path / "images" / "part-s00003-00002.parquet.tmp").exists()
+    # Another worker's shard is left alone, even its leftovers (it may be writing them now).
+    assert (tmp_path / "detections" / "part-s00004-00001.parquet").exists()
+    assert (tmp_path / "images" / "part-s00004-00001.parquet.tmp").exists()
+    assert sorted(p.name for p in (tmp_path / "detections").glob("part-s00003-*")) == [
+        "part-s00003-00000.parquet", "part-s00003-00001.parquet"]
+
+
+def test_ray_options_need_ray(tmp_path, analytic_model, cli):
+    r = cli("run", tmp_path, "--model", analytic_model, "--out", tmp_path / "run", "--workers", 2)
+    assert r.exit_code == 2 and "--ray" in r.output
