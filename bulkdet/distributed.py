@@ -28,27 +28,14 @@ import pyarrow.compute as pc
 
 from bulkdet.metrics import MetricsRecorder
 from bulkdet.models import ModelInfo
+from bulkdet.progress import Progress
 from bulkdet.runner import (RunConfig, RunSummary, ShardProcessor, add_unstored, finish_run, pa_array,
-                            prepare_run, resolve_device, run_stages, _progress)
+                            prepare_run, resolve_device, run_stages)
 from bulkdet.sink import RunSink, resume_shard
 
 log = logging.getLogger("bulkdet")
 MAX_RESTARTS = 3  # per worker; each restart retries the shard the worker was on
 POLL_S = 0.5  # how often the driver asks busy workers how far they are
-
-
-class _Count:
-    """The part of tqdm that run_stages uses, counting images of the current shard."""
-
-    def __init__(self):
-        self.n = 0
-        self.failed = 0
-
-    def update(self, n: int) -> None:
-        self.n += n
-
-    def set_postfix(self, **_) -> None:
-        pass
 
 
 class ShardWorker:
@@ -58,7 +45,7 @@ class ShardWorker:
         # The device is resolved here, on the worker's machine (Ray sets CUDA_VISIBLE_DEVICES).
         self.processor = ShardProcessor(cfg, model, resolve_device(cfg.device))
         self.cfg = cfg
-        self.count = _Count()
+        self.count = Progress(0, quiet=True)  # of the current shard: read by progress()
         self.shard: int | None = None
 
     def info(self) -> dict:
@@ -66,26 +53,26 @@ class ShardWorker:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.processor.device,
                 "backend": engine.name, "provider": engine.provider}
 
-    def progress(self) -> tuple[int | None, int, int]:
-        """(shard being processed, images of it written so far, failed): called while process_shard runs."""
-        return self.shard, self.count.n, self.count.failed
+    def progress(self) -> tuple[int | None, int, int, int]:
+        """(shard, images written, their bytes, failed so far): answers while process_shard runs."""
+        return self.shard, self.count.done, self.count.bytes, self.count.failed
 
     def process_shard(self, shard: int, rows: pa.Table, metadata: dict) -> dict:
         """Runs one shard's rows (status ok) and commits them; returns its metrics and counts."""
         committed = resume_shard(self.cfg.out, shard)  # non-empty when this is a retry
         if committed:
             rows = rows.filter(pc.invert(pc.is_in(rows.column("image_id"), pa_array(committed))))
-        self.shard, self.count = shard, _Count()
+        self.shard, self.count = shard, Progress(len(rows), quiet=True)
         worker = {"bulkdet.worker": f"{socket.gethostname()}:{os.getpid()}"}  # in each part's metadata
         sink = RunSink(self.cfg.out, self.processor.model.names, {**metadata, **worker}, self.cfg.commit_images)
-        metrics = MetricsRecorder(self.processor.device)
-        t0_wall = time.time()  # metrics times are relative to metrics.t0, taken just before
+        metrics = MetricsRecorder(self.processor.device)  # in memory: the rows go back to the driver
         try:
             run_stages(self.processor, rows, sink, metrics, self.count)
         finally:
             sink.close()
-        return {"shard": shard, "images": len(rows), "failed": self.count.failed, "pid": os.getpid(),
-                "host": socket.gethostname(), "t0_wall": t0_wall, "metrics": metrics.rows}
+        return {"shard": shard, "images": len(rows), "bytes": self.count.bytes, "failed": self.count.failed,
+                "pid": os.getpid(), "host": socket.gethostname(), "t0_wall": _wall_time(metrics.t0),
+                "metrics": metrics.rows}
 
 
 def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None = None) -> RunSummary:
@@ -102,13 +89,21 @@ def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None =
     finally:
         sink.close()
     shards = split_by_shard(prepared.todo)
-    results, redone, workers_info, device = [], set(), [], cfg.device
-    if shards:  # else everything was committed before: nothing for Ray to do
-        results, redone, workers_info, device = _run_shards(cfg, prepared, shards, address, workers)
+    # All workers' batches go into one metrics.parquet, on this process's clock.
+    metrics = MetricsRecorder(cfg.device, cfg.out / "metrics.parquet", prepared.run_json["run_id"])
+    t0_wall = _wall_time(metrics.t0)
 
-    metrics = MetricsRecorder(device)
-    metrics.rows = merge_metrics(results, t0_wall=prepared.t_start)
-    metrics.write(cfg.out / "metrics.parquet")
+    def collect(result: dict) -> None:
+        shift = result["t0_wall"] - t0_wall
+        metrics.add_rows([{k: v + shift if k.endswith(("_start", "_end")) and v is not None else v
+                           for k, v in row.items()} for row in result["metrics"]])
+
+    redone, workers_info, device = set(), [], cfg.device
+    try:
+        if shards:  # else everything was committed before: nothing for Ray to do
+            redone, workers_info, device = _run_shards(cfg, prepared, shards, address, workers, collect)
+    finally:
+        metrics.close()
     first = workers_info[0] if workers_info else {}
     return finish_run(cfg, prepared, metrics, device=first.get("device", device),
                       backend=first.get("backend"), provider=first.get("provider"),
@@ -116,8 +111,14 @@ def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None =
                            "redone_shards": sorted(redone)})
 
 
+def _wall_time(perf_t: float) -> float:
+    """time.time() at the moment perf_counter() read `perf_t` (clocks of workers on other machines
+    agree through NTP; perf_counter values of two processes do not)."""
+    return time.time() - (time.perf_counter() - perf_t)
+
+
 def _run_shards(cfg: RunConfig, prepared, shards: dict[int, pa.Table], address: str | None,
-                workers: int | None):
+                workers: int | None, collect):
     import ray
 
     started_here = not ray.is_initialized()
@@ -126,9 +127,9 @@ def _run_shards(cfg: RunConfig, prepared, shards: dict[int, pa.Table], address: 
                  logging_level=logging.WARNING if cfg.quiet else logging.INFO)
     try:
         pool = _start_workers(ray, cfg, prepared.model, workers)
-        progress = _progress(len(prepared.todo), cfg.quiet)
+        progress = Progress(len(prepared.todo), quiet=cfg.quiet)
         try:
-            results, redone = _schedule(ray, pool, shards, prepared.metadata, progress)
+            redone = _schedule(ray, pool, shards, prepared.metadata, progress, collect)
         finally:
             progress.close()
             for actor in pool.actors:
@@ -136,7 +137,7 @@ def _run_shards(cfg: RunConfig, prepared, shards: dict[int, pa.Table], address: 
     finally:
         if started_here:
             ray.shutdown()
-    return results, redone, list(pool.info.values()), pool.device
+    return redone, list(pool.info.values()), pool.device
 
 
 def split_by_shard(rows: pa.Table) -> dict[int, pa.Table]:
@@ -181,11 +182,12 @@ def _start_workers(ray, cfg: RunConfig, model: ModelInfo, workers: int | None) -
     return _Pool(actors, "gpu" if use_gpu else "cpu")
 
 
-def _schedule(ray, pool: _Pool, shards: dict[int, pa.Table], metadata: dict, progress):
-    """Streams shards to workers as they become free; returns (results, shards redone after a worker died).
+def _schedule(ray, pool: _Pool, shards: dict[int, pa.Table], metadata: dict, progress: Progress, collect):
+    """Streams shards to workers as they become free; each result goes to `collect`.
 
     A worker joins when it has started (its info() came back), so a cluster that grows while
     the run goes on gets used, and one worker that cannot start does not stop the others.
+    Returns the shards that finished in a restarted worker (redone after a worker died).
     """
     from ray.exceptions import RayActorError
 
@@ -194,8 +196,9 @@ def _schedule(ray, pool: _Pool, shards: dict[int, pa.Table], metadata: dict, pro
     starting = {a.info.remote(): i for i, a in enumerate(pool.actors)}
     running: dict = {}  # task ref -> (actor index, shard, pid of the worker it was given to)
     probes: dict = {}  # progress ref -> actor index
-    seen: dict[int, tuple[int, int]] = {}  # shard -> (images written, failed) as last reported
-    results, redone = [], set()
+    seen: dict[int, tuple[int, int, int]] = {}  # shard -> (images written, bytes, failed) as last reported
+    shown = (0, 0, 0)  # what the progress bar has been told
+    redone = set()
     last_poll = 0.0
 
     def give(i: int):
@@ -226,8 +229,8 @@ def _schedule(ray, pool: _Pool, shards: dict[int, pa.Table], metadata: dict, pro
             if result["pid"] != pid:  # the worker died and Ray redid the shard in a new process
                 redone.add(shard)
                 pool.info[i] = {**pool.info[i], "pid": result["pid"], "host": result["host"]}
-            seen[shard] = (total[shard], result["failed"])
-            results.append(result)
+            seen[shard] = (total[shard], result["bytes"], result["failed"])
+            collect(result)
             give(i)
         polled = time.monotonic() - last_poll >= POLL_S
         if polled:
@@ -235,10 +238,11 @@ def _schedule(ray, pool: _Pool, shards: dict[int, pa.Table], metadata: dict, pro
             _poll_progress(ray, pool, running, probes, seen)
         if ready or polled:
             # A redone shard counts its images once: never more than the shard holds.
-            progress.n = sum(min(n, total[s]) for s, (n, _) in seen.items())
-            progress.set_postfix(failed=sum(f for _, f in seen.values()), refresh=False)
-            progress.refresh()
-    return results, redone
+            now = (sum(min(n, total[s]) for s, (n, _, _) in seen.items()),
+                   sum(b for _, b, _ in seen.values()), sum(f for _, _, f in seen.values()))
+            progress.update(*(max(0, a - b) for a, b in zip(now, shown)))
+            shown = tuple(max(a, b) for a, b in zip(now, shown))
+    return redone
 
 
 def _poll_progress(ray, pool: _Pool, running: dict, probes: dict, seen: dict) -> None:
@@ -250,23 +254,13 @@ def _poll_progress(ray, pool: _Pool, running: dict, probes: dict, seen: dict) ->
         for ref in ready:
             probes.pop(ref)
             try:
-                shard, n, failed = ray.get(ref, timeout=0)
+                shard, n, nbytes, failed = ray.get(ref, timeout=0)
             except (RayError, GetTimeoutError):
                 continue  # a worker that died answers again once restarted
-            if shard is not None and n >= seen.get(shard, (0, 0))[0]:
-                seen[shard] = (n, failed)
+            if shard is not None and n >= seen.get(shard, (0, 0, 0))[0]:
+                seen[shard] = (n, nbytes, failed)
     asked = set(probes.values())
     for i, _, _ in running.values():
         if i not in asked:
             probes[pool.actors[i].progress.remote()] = i
 
-
-def merge_metrics(results: list[dict], t0_wall: float) -> list[dict]:
-    """Every worker's metrics rows on the driver's clock (seconds since t0_wall), batches renumbered."""
-    rows = []
-    for result in sorted(results, key=lambda r: r["shard"]):
-        shift = result["t0_wall"] - t0_wall
-        for row in result["metrics"]:
-            row = {k: v + shift if k.endswith(("_start", "_end")) else v for k, v in row.items()}
-            rows.append({**row, "batch_id": len(rows)})
-    return rows

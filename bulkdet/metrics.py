@@ -125,6 +125,16 @@ class MetricsRecorder:
         if self._writer is not None and len(self.rows) >= FLUSH_ROWS:
             self._flush()
 
+    def add_rows(self, rows: list[dict]) -> None:
+        """Rows recorded by another process (a Ray worker), already on this recorder's clock."""
+        for row in rows:
+            self.rows.append({**row, "run_id": self.run_id, "batch_id": self.batches})
+            for stage in self.stages:
+                self.totals[stage] += row[f"{stage}_s"]
+            self.batches += 1
+            if self._writer is not None and len(self.rows) >= FLUSH_ROWS:
+                self._flush()
+
     def _flush(self) -> None:
         if self.rows:
             self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
