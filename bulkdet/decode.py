@@ -6,13 +6,17 @@ One graph for both devices: `cpu` decodes on the host, `gpu` uses DALI's "mixed"
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
+from PIL import Image, ImageOps
 
+import bulkdet.imageinfo  # noqa: F401 - sets Pillow's own pixel limit off: --max-pixels applies
 from bulkdet.plan import Batch
 
 PAD_VALUE = 114
@@ -24,6 +28,7 @@ class DecodedBatch:
     batch: Batch
     tensor: object  # np.ndarray [B,3,H,W] on cpu; a DALI TensorGPU on gpu
     errors: dict[int, str] = field(default_factory=dict)  # index in batch -> decoder message
+    fallback: list[int] = field(default_factory=list)  # indices decoded by the CPU fallback (Pillow)
 
 
 @pipeline_def
@@ -78,25 +83,96 @@ class Decoder:
         idx = list(range(len(batch)))
         try:
             return DecodedBatch(batch, self._to_output(self._run(encoded, batch, idx)))
-        except RuntimeError:
+        except RuntimeError as exc:
             self.pipe = self._build()  # a pipeline that raised is not reused
-        # Isolate the bad images one by one; the good ones are decoded again together.
-        errors = {}
-        for i in idx:
-            try:
-                self._run(encoded, batch, [i])
-            except RuntimeError as exc:
-                errors[i] = _dali_message(exc)
-                self.pipe = self._build()
-        good = [i for i in idx if i not in errors]
+            batch_error = exc
+        # Some image is bad: find it by bisection, so the good ones still decode in groups
+        # and a bad image costs only its own row. This rare path assembles on the host.
         h, w = batch.input_hw
         tensor = np.full((len(batch), 3, h, w), PAD_VALUE / 255.0, dtype=self.out_dtype)
-        if good:
-            tensor[good] = np.asarray(self._to_output(self._run(encoded, batch, good)))
-        return DecodedBatch(batch, tensor, errors)
+        errors: dict[int, str] = {}
+        if len(idx) == 1:
+            errors[0] = _dali_message(batch_error)
+        else:
+            mid = len(idx) // 2
+            for half in (idx[:mid], idx[mid:]):
+                self._decode_or_split(encoded, batch, half, tensor, errors)
+        # What DALI rejects gets a second chance on the CPU decoder (e.g. GIF).
+        fallback = []
+        for i in sorted(errors):
+            try:
+                tensor[i] = pillow_letterbox(encoded[i], batch, i, self.out_dtype)
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
+                errors[i] = f"dali: {errors[i]}; pillow: {_pillow_message(exc)}"[:500]
+            else:
+                fallback.append(i)
+                del errors[i]
+        return DecodedBatch(batch, tensor, errors, fallback)
+
+    def _decode_or_split(self, encoded: list[bytes], batch: Batch, idx: list[int], tensor: np.ndarray,
+                         errors: dict[int, str]) -> None:
+        """Decode `idx` into `tensor`; on failure split it in halves, down to single bad images."""
+        if not idx:
+            return
+        try:
+            tensor[idx] = _to_host(self._run(encoded, batch, idx))
+            return
+        except RuntimeError as exc:
+            self.pipe = self._build()
+            if len(idx) == 1:
+                errors[idx[0]] = _dali_message(exc)
+                return
+        mid = len(idx) // 2
+        self._decode_or_split(encoded, batch, idx[:mid], tensor, errors)
+        self._decode_or_split(encoded, batch, idx[mid:], tensor, errors)
 
     def _to_output(self, tensor):
         return np.array(tensor) if self.device == "cpu" else tensor
+
+
+def _to_host(tensor) -> np.ndarray:
+    """A DALI output tensor (CPU or GPU) as a host array."""
+    return np.asarray(tensor.as_cpu() if hasattr(tensor, "as_cpu") else tensor)
+
+
+def pillow_letterbox(data: bytes, batch: Batch, i: int, out_dtype=np.float32) -> np.ndarray:
+    """The CPU fallback: image `i` of `batch` decoded with Pillow into the same [3,H,W] letterbox
+    as the DALI graph (EXIF orientation applied, first frame of an animation, alpha dropped).
+
+    Pixel values can differ slightly from DALI's (another resampler); geometry is identical,
+    so boxes map back the same way.
+    """
+    lb = batch.letterbox
+    h, w = batch.input_hw
+    new_w, new_h, top, left = int(lb.new_w[i]), int(lb.new_h[i]), int(lb.top[i]), int(lb.left[i])
+    with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
+        warnings.simplefilter("ignore")  # e.g. palette transparency notes: not errors
+        im.seek(0)  # first frame of an animated GIF / WebP / multi-page TIFF
+        im.load()  # decode now: this is where a broken file raises
+        try:
+            upright = ImageOps.exif_transpose(im)
+        except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image (as in imageinfo)
+            upright = im
+        rgb = _to_rgb(upright)
+    canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
+    canvas[top:top + new_h, left:left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BILINEAR))
+    return (canvas.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(out_dtype)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode; 16-bit and 32-bit gray are scaled, not clipped."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        scale = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(np.rint(a * (255.0 / scale)), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.rint(np.asarray(im) * 255.0), 0, 255).astype(np.uint8), "L")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+# nvImageCodec's status codes (nvimgcodecStatus_t), shown by DALI as "nvImageCodec failure: '#N'".
+_NVIMGCODEC_STATUS = {2: "invalid parameter", 3: "bad code stream", 4: "code stream not supported", 5: "allocator failure",
+                      6: "execution failed", 9: "implementation not supported"}
 
 
 def _dali_message(exc: Exception) -> str:
@@ -106,4 +182,15 @@ def _dali_message(exc: Exception) -> str:
     after = text.split("encountered:", 1)[-1]
     lines = [ln.strip() for ln in after.splitlines() if ln.strip() and "no longer valid" not in ln]
     message = lines[0] if lines else type(exc).__name__
+    # "sample #N" counts within the isolating run, not the batch: drop it.
+    message = re.sub(r"Failed to decode sample #\d+\s*:?\s*$", "failed to decode", message)
+    code = re.search(r"nvImageCodec failure: '#(\d+)'", message)
+    if code and int(code.group(1)) in _NVIMGCODEC_STATUS:
+        message += f" ({_NVIMGCODEC_STATUS[int(code.group(1))]})"
     return (f"{operator.group(1)}: {message}" if operator else message)[:500]
+
+
+def _pillow_message(exc: Exception) -> str:
+    # Drop object addresses ("<_io.BytesIO object at 0x...>"): a re-run must give the same row.
+    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
