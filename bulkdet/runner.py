@@ -25,7 +25,8 @@ from bulkdet.metrics import BatchTimes, MetricsRecorder
 from bulkdet.models import load_model_info
 from bulkdet.plan import Batch, plan_batches
 from bulkdet.postprocess import postprocess
-from bulkdet.sink import RunSink, prepare_run_dir, read_images
+from bulkdet.oom import HalvingInfer
+from bulkdet.sink import RunSink, drop_failed_rows, prepare_run_dir, read_images
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader
 
@@ -53,6 +54,7 @@ class RunConfig:
     commit_images: int = 4096
     shards: list[int] | None = None  # only these shards (a scale-out worker's share)
     quiet: bool = False
+    retry_failed: bool = False  # process again the images whose committed row is not ok
 
 
 @dataclass
@@ -64,6 +66,8 @@ class RunSummary:
     wall_s: float
     processed: int  # images decoded and inferred in this invocation (not resumed ones)
     stage_s: dict = field(default_factory=dict)
+    fallback_decoded: int = 0  # images DALI rejected and the CPU fallback decoded
+    oom_splits: int = 0  # batches split in halves after running out of memory
 
 
 class _Work:
@@ -191,6 +195,8 @@ def run(cfg: RunConfig) -> RunSummary:
     write_json_atomic(run_json, cfg.out / "run.json")
 
     manifest = read_manifest(cfg.dataset)
+    if cfg.retry_failed:
+        done -= drop_failed_rows(cfg.out, _retryable_ids(manifest, cfg.shards))
     if done:
         manifest = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa_array(done))))
     if cfg.shards is not None:
@@ -207,6 +213,7 @@ def run(cfg: RunConfig) -> RunSummary:
     reader = ShardReader(Path(cfg.dataset) / "shards")
     sink = RunSink(cfg.out, model.names, metadata, cfg.commit_images)
     metrics = MetricsRecorder(device)
+    infer_batch = HalvingInfer(engine.infer)
     if len(bad):
         sink.add_images(-1, bad.column("image_id").to_pylist(), bad.column("path").to_pylist(),
                         bad.column("width").to_pylist(), bad.column("height").to_pylist(),
@@ -222,9 +229,10 @@ def run(cfg: RunConfig) -> RunSummary:
         encoded = [data if data is not None else b"" for data in work.encoded]
         work.decoded = decoder.decode(work.batch, encoded)
         work.decoded.errors.update(missing)
+        progress.fallback += len(work.decoded.fallback)
 
     def infer(work: _Work):
-        work.outputs = engine.infer(work.decoded.tensor)
+        work.outputs = infer_batch(work.decoded.tensor)
 
     def post(work: _Work):
         work.detections = postprocess(work.outputs[0], work.batch, len(model.names) or None, cfg.conf,
@@ -260,7 +268,8 @@ def run(cfg: RunConfig) -> RunSummary:
     summary = RunSummary(
         images=len(statuses), failed=len(statuses) - by_status.get("ok", 0),
         detections=int(pc.sum(statuses.column("n_det")).as_py() or 0), by_status=dict(by_status),
-        wall_s=time.time() - t_start, processed=len(good), stage_s=metrics.stage_totals())
+        wall_s=time.time() - t_start, processed=len(good), stage_s=metrics.stage_totals(),
+        fallback_decoded=progress.fallback, oom_splits=infer_batch.splits)
     run_json.update(state="complete", finished=time.time(), totals=asdict(summary),
                     device=device, backend=engine.name, provider=engine.provider)
     write_json_atomic(run_json, cfg.out / "run.json")
@@ -273,6 +282,14 @@ def pa_array(values):
     return pa.array(sorted(values), pa.int64())
 
 
+def _retryable_ids(manifest, shards: list[int] | None) -> set[int]:
+    """Images that --retry-failed can process again: those whose bytes are stored (of our shards)."""
+    stored = manifest.filter(pc.equal(manifest.column("status"), "ok"))
+    if shards is not None:
+        stored = stored.filter(pc.is_in(stored.column("shard"), pa_array(shards).cast("int32")))
+    return set(stored.column("image_id").to_pylist())
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -282,4 +299,5 @@ def _progress(total: int, quiet: bool):
 
     bar = tqdm(total=total, unit="img", desc="run", disable=quiet, dynamic_ncols=True)
     bar.failed = 0
+    bar.fallback = 0
     return bar
