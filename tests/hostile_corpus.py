@@ -38,7 +38,7 @@ def png_chunks(width: int, height: int, rows, bit_depth: int, color_type: int):
 
 
 def write_bomb_png(path: Path, side: int = 20000) -> Path:
-    """A side x side 1-bit gray PNG of zeros: ~20 KB on disk, `side`² pixels when decoded.
+    """A side x side 1-bit gray PNG of zeros: ~50 KB on disk, `side`² pixels when decoded.
 
     Written row by row from one shared zero row: creating it takes no memory either.
     """
