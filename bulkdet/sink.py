@@ -100,6 +100,7 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict, overwrite: bool) -> set[in
             (run_dir / name).unlink(missing_ok=True)
     elif state.exists():
         previous = json.loads(state.read_text())
+        fingerprint = json.loads(json.dumps(fingerprint))  # as stored: e.g. int dict keys become strings
         changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
         if changed:
             raise ConfigMismatch(
