@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from nvidia import nvimgcodec  # DALI's own image codec library (a dependency of DALI)
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image, ImageOps
 
@@ -80,23 +81,24 @@ class Decoder:
         return out.as_tensor()
 
     def decode(self, batch: Batch, encoded: list[bytes]) -> DecodedBatch:
-        idx = list(range(len(batch)))
-        try:
-            return DecodedBatch(batch, self._to_output(self._run(encoded, batch, idx)))
-        except RuntimeError as exc:
-            self.pipe = self._build()  # a pipeline that raised is not reused
-            batch_error = exc
-        # Some image is bad: find it by bisection, so the good ones still decode in groups
-        # and a bad image costs only its own row. This rare path assembles on the host.
+        # What DALI's own parser rejects never reaches DALI: a parse failure inside a large
+        # DALI batch can crash the process (seen with DALI 2.4), not just fail the batch.
+        errors = {i: msg for i, data in enumerate(encoded) if (msg := _parse_error(data)) is not None}
+        idx = [i for i in range(len(batch)) if i not in errors]
+        if not errors:
+            try:
+                return DecodedBatch(batch, self._to_output(self._run(encoded, batch, idx)))
+            except RuntimeError as exc:
+                self.pipe = self._build()  # a pipeline that raised is not reused
+                error = exc
+        # Some image is bad: isolate it so that a bad image costs only its own row. This rare
+        # path assembles the batch on the host.
         h, w = batch.input_hw
         tensor = np.full((len(batch), 3, h, w), PAD_VALUE / 255.0, dtype=self.out_dtype)
-        errors: dict[int, str] = {}
-        if len(idx) == 1:
-            errors[0] = _dali_message(batch_error)
+        if errors:
+            self._decode_group(encoded, batch, idx, tensor, errors)
         else:
-            mid = len(idx) // 2
-            for half in (idx[:mid], idx[mid:]):
-                self._decode_or_split(encoded, batch, half, tensor, errors)
+            self._isolate(encoded, batch, idx, error, tensor, errors)
         # What DALI rejects gets a second chance on the CPU decoder (e.g. GIF).
         fallback = []
         for i in sorted(errors):
@@ -109,25 +111,49 @@ class Decoder:
                 del errors[i]
         return DecodedBatch(batch, tensor, errors, fallback)
 
-    def _decode_or_split(self, encoded: list[bytes], batch: Batch, idx: list[int], tensor: np.ndarray,
-                         errors: dict[int, str]) -> None:
-        """Decode `idx` into `tensor`; on failure split it in halves, down to single bad images."""
+    def _decode_group(self, encoded: list[bytes], batch: Batch, idx: list[int], tensor: np.ndarray,
+                      errors: dict[int, str]) -> None:
+        """Decode `idx` into `tensor`; on failure, isolate the bad images of the group."""
         if not idx:
             return
         try:
             tensor[idx] = _to_host(self._run(encoded, batch, idx))
-            return
         except RuntimeError as exc:
             self.pipe = self._build()
-            if len(idx) == 1:
-                errors[idx[0]] = _dali_message(exc)
-                return
-        mid = len(idx) // 2
-        self._decode_or_split(encoded, batch, idx[:mid], tensor, errors)
-        self._decode_or_split(encoded, batch, idx[mid:], tensor, errors)
+            self._isolate(encoded, batch, idx, exc, tensor, errors)
+
+    def _isolate(self, encoded: list[bytes], batch: Batch, idx: list[int], error: RuntimeError,
+                 tensor: np.ndarray, errors: dict[int, str]) -> None:
+        """`idx` failed with `error`: record its bad images in `errors`, decode the rest into `tensor`.
+
+        When DALI names the sample that failed ("Failed to decode sample #k", a corrupt image),
+        the others are decoded again together; otherwise the group is bisected, so the good
+        images still decode in parallel groups.
+        """
+        if len(idx) == 1:
+            errors[idx[0]] = _dali_message(error)
+            return
+        named = re.search(r"Failed to decode sample #(\d+)", str(error))
+        if named and int(named.group(1)) < len(idx):
+            bad = idx[int(named.group(1))]
+            errors[bad] = _dali_message(error)
+            groups = [[i for i in idx if i != bad]]
+        else:
+            groups = [idx[:len(idx) // 2], idx[len(idx) // 2:]]
+        for group in groups:
+            self._decode_group(encoded, batch, group, tensor, errors)
 
     def _to_output(self, tensor):
         return np.array(tensor) if self.device == "cpu" else tensor
+
+
+def _parse_error(data: bytes) -> str | None:
+    """Why DALI's image parser (nvImageCodec) can't read this header; None when it can."""
+    try:
+        nvimgcodec.CodeStream(data).codec_name  # reading an attribute forces the parse
+    except RuntimeError as exc:
+        return f"nvImageCodec can't parse it ({exc})"
+    return None
 
 
 def _to_host(tensor) -> np.ndarray:

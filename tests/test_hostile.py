@@ -165,28 +165,72 @@ def _jpeg(rgb, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def test_bad_jpeg_in_a_batch_costs_only_its_own_row():
+def _good_batch(n: int = 12):
     rng = np.random.default_rng(1)
-    sizes = [(int(rng.integers(40, 120)), int(rng.integers(40, 120))) for _ in range(12)]
-    encoded = [_jpeg(draw_upright(w, h, random_rects(w, h, 2, rng), seed=i)) for i, (w, h) in enumerate(sizes)]
+    sizes = [(int(rng.integers(40, 120)), int(rng.integers(40, 120))) for _ in range(n)]
+    return sizes, [_jpeg(draw_upright(w, h, random_rects(w, h, 2, rng), seed=i)) for i, (w, h) in enumerate(sizes)]
+
+
+def _counting(decoder: Decoder) -> list[int]:
+    """Sizes of the DALI runs the decoder makes from now on."""
+    runs = []
+    real_run = decoder._run
+    decoder._run = lambda enc, batch, idx: runs.append(len(idx)) or real_run(enc, batch, idx)
+    return runs
+
+
+def _gif(size) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(draw_upright(*size, random_rects(*size, 2, 9), seed=9)).quantize(256).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image", "gif"])
+def test_bad_image_in_a_batch_costs_only_its_own_row(damage):
+    sizes, encoded = _good_batch()
     bad = 7
+    hostile = list(encoded)
+    hostile[bad] = {"truncated": encoded[bad][: len(encoded[bad]) // 2], "not_an_image": b"plain text " * 50,
+                    "gif": _gif(sizes[bad])}[damage]
+    decoder = Decoder("cpu", max_batch=16, num_threads=1)
+    clean = np.asarray(decoder.decode(_batch(sizes), encoded).tensor)
+
+    runs = _counting(decoder)
+    out = decoder.decode(_batch(sizes), hostile)
+    good = [i for i in range(len(sizes)) if i != bad]
+    assert np.array_equal(np.asarray(out.tensor)[good], clean[good])  # the same pixels as without it
+    if damage == "gif":  # DALI's parser does not read GIF: straight to the CPU fallback
+        assert out.errors == {} and out.fallback == [bad] and runs == [11]
+        return
+    assert set(out.errors) == {bad} and out.fallback == []
+    assert out.errors[bad].startswith("dali: ") and "pillow: " in out.errors[bad]
+    if damage == "truncated":  # DALI names the sample: the other 11 decode again in one run
+        assert "image file is truncated" in out.errors[bad]
+        assert runs == [12, 11]
+    else:  # DALI's parser rejects it up front: it never enters a DALI batch (where a parse
+        # failure can crash the process, see docs/reliability.md)
+        assert "nvImageCodec can't parse it" in out.errors[bad]
+        assert runs == [11]
+    # The pipeline still works after the errors.
+    assert np.array_equal(np.asarray(decoder.decode(_batch(sizes), encoded).tensor), clean)
+
+
+def test_a_failure_dali_does_not_attribute_is_bisected():
+    """When DALI's error names no sample, halves are decoded until the bad image is alone."""
+    sizes, encoded = _good_batch()
+    bad = 9
     hostile = list(encoded)
     hostile[bad] = encoded[bad][: len(encoded[bad]) // 2]
     decoder = Decoder("cpu", max_batch=16, num_threads=1)
     clean = np.asarray(decoder.decode(_batch(sizes), encoded).tensor)
-
-    runs = []
-    real_run = decoder._run
-    decoder._run = lambda enc, batch, idx: runs.append(len(idx)) or real_run(enc, batch, idx)
-    out = decoder.decode(_batch(sizes), hostile)
-    assert set(out.errors) == {bad} and out.fallback == []
-    assert "dali:" in out.errors[bad] and "pillow: OSError: image file is truncated" in out.errors[bad]
-    good = [i for i in range(len(sizes)) if i != bad]
-    assert np.array_equal(np.asarray(out.tensor)[good], clean[good])  # the same pixels as without it
-    # Bisection: the whole batch, then two runs per level down to the bad image (12 -> 6 -> 3 -> 2 -> 1).
-    assert len(runs) <= 1 + 2 * int(np.ceil(np.log2(len(sizes)))), runs
-    # The pipeline still works after the errors.
-    assert np.array_equal(np.asarray(decoder.decode(_batch(sizes), encoded).tensor), clean)
+    runs = _counting(decoder)
+    tensor = np.zeros_like(clean)
+    errors: dict[int, str] = {}
+    decoder._isolate(hostile, _batch(sizes), list(range(12)), RuntimeError("no sample named"), tensor, errors)
+    assert set(errors) == {bad}
+    good = [i for i in range(12) if i != bad]
+    assert np.array_equal(tensor[good], clean[good])
+    assert runs[:2] == [6, 6] and len(runs) <= 2 * int(np.ceil(np.log2(12))), runs
 
 
 def test_cpu_fallback_matches_dali_geometry_and_orientation(tmp_path):
