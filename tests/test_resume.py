@@ -106,7 +106,7 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_output(dataset, ba
         proc = _start_run(dataset, analytic_model, out)
         committed = _journal_lines(out)
         if rng.random() < 0.25:  # any moment from start-up on (imports, set-up, first batches)
-            time.sleep(rng.uniform(0, 1.5))
+            time.sleep(rng.uniform(0, 1.0))
             how = "time"
         else:  # after 1..3 more commits, then 0..10 ms more: between or inside commits
             target = committed + int(rng.integers(1, 4))
