@@ -34,11 +34,15 @@ def pack(
     from bulkdet.pack import pack as do_pack
 
     _setup_logging(quiet)
-    s = do_pack(src_dir, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet)
-    failed = sum(n for st, n in s.by_status.items() if st != "ok")
+    try:
+        s = do_pack(src_dir, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet)
+    except (OSError, RuntimeError) as exc:  # e.g. disk full: committed shards are kept and reused
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    not_usable = {st: n for st, n in s.by_status.items() if st != "ok"}
     typer.echo(f"packed {s.new} new files ({s.found} in all, {s.duplicates} duplicate contents stored once, "
                f"{s.stored_bytes / 1e6:.1f} MB stored) into {s.shards} shard(s) in {out}"
-               + (f"; {failed} not usable: {dict(s.by_status)}" if failed else ""))
+               + (f"; {sum(not_usable.values())} not usable: {not_usable}" if not_usable else ""))
 
 
 @app.command()
@@ -58,6 +62,8 @@ def run(
     overwrite: bool = typer.Option(False, help="Replace a previous run in --out made with other settings."),
     dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: all cores)."),
     infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
+    commit_every: int = typer.Option(4096, min=1, help="Commit a Parquet part every N images: what a kill can cost."),
+    retry_failed: bool = typer.Option(False, help="Process again the images whose status is not ok."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
     use_ray: bool = typer.Option(False, "--ray", help="Spread the shards over a Ray cluster (needs bulkdet[ray])."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, or a local one)."),
@@ -74,7 +80,8 @@ def run(
         if value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"--{name}")
     cfg = RunConfig(dataset_dir, model, out, device, backend, imgsz, max_batch, conf, iou, max_det, names,
-                    precision, overwrite, dali_threads, infer_threads, quiet=quiet)
+                    precision, overwrite, dali_threads, infer_threads, quiet=quiet,
+                    commit_images=commit_every, retry_failed=retry_failed)
     if not use_ray and (ray_address or workers):
         raise typer.BadParameter("needs --ray", param_hint="--ray-address/--workers")
     try:
@@ -84,11 +91,17 @@ def run(
             s = run_on_ray(cfg, ray_address, workers)
         else:
             s = do_run(cfg)
-    except (ConfigMismatch, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except ConfigMismatch as exc:  # the command conflicts with what --out holds: a usage error
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    except (OSError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
     typer.echo(f"{s.images} images ({s.processed} processed now), {s.detections} detections, "
                f"{s.failed} failed, in {s.wall_s:.1f} s -> {out}")
+    if s.fallback_decoded or s.oom_splits:
+        typer.echo(f"{s.fallback_decoded} image(s) decoded by the CPU fallback; "
+                   f"{s.oom_splits} batch(es) split after running out of memory")
     if s.failed:
         typer.echo(f"{s.failed} input(s) failed: {s.by_status}. List them with:\n"
                    f"  duckdb -c \"SELECT path, status, error FROM '{out}/images/*.parquet' WHERE status <> 'ok'\"")

@@ -26,8 +26,9 @@ from bulkdet.metrics import BatchTimes, MetricsRecorder
 from bulkdet.models import ModelInfo, load_model_info
 from bulkdet.plan import Batch, plan_batches
 from bulkdet.postprocess import postprocess
+from bulkdet.oom import HalvingInfer
 from bulkdet.progress import Progress
-from bulkdet.sink import RunSink, prepare_run_dir, read_images
+from bulkdet.sink import RunSink, drop_failed_rows, prepare_run_dir, read_images
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader
 
@@ -55,6 +56,7 @@ class RunConfig:
     commit_images: int = 4096
     shards: list[int] | None = None  # only these shards (a scale-out worker's share)
     quiet: bool = False
+    retry_failed: bool = False  # process again the images whose committed row is not ok
 
 
 @dataclass
@@ -66,6 +68,8 @@ class RunSummary:
     wall_s: float
     processed: int  # images decoded and inferred in this invocation (not resumed ones)
     stage_s: dict = field(default_factory=dict)
+    fallback_decoded: int = 0  # images DALI rejected and the CPU fallback decoded
+    oom_splits: int = 0  # batches split in halves after running out of memory
 
 
 class _Work:
@@ -190,7 +194,8 @@ def run(cfg: RunConfig) -> RunSummary:
         progress.close()
         processor.close()
         metrics.close()
-    return finish_run(cfg, prepared, metrics, device=device, backend=processor.engine.name,
+    return finish_run(cfg, prepared, metrics, processor.fallback_decoded, processor.infer.splits,
+                      device=device, backend=processor.engine.name,
                       provider=processor.engine.provider)
 
 
@@ -213,7 +218,7 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     input_hw = _input_hw(model, cfg)
     fingerprint = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                    "imgsz": cfg.imgsz, "precision": cfg.precision,
-                   "names": {str(k): v for k, v in model.names.items()}}  # as JSON stores it, so resume matches
+                   "names": model.names}
     done = prepare_run_dir(cfg.out, fingerprint, cfg.overwrite)
     run_id = uuid.uuid4().hex[:12]
     metadata = {"bulkdet.run_id": run_id, "bulkdet.version": __version__, "model_sha256": model.sha256,
@@ -227,6 +232,8 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     write_json_atomic(run_json, cfg.out / "run.json")
 
     manifest = read_manifest(cfg.dataset)
+    if cfg.retry_failed:
+        done -= drop_failed_rows(cfg.out, _retryable_ids(manifest, cfg.shards))
     if done:
         manifest = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa_array(done))))
     if cfg.shards is not None:
@@ -260,6 +267,8 @@ class ShardProcessor:
         self.engine = create_engine("onnxruntime", cfg.model, device=device, threads=cfg.infer_threads)
         self.decoder = Decoder(device, self.max_batch, cfg.dali_threads, out_dtype=model.input_dtype)
         self.reader = ShardReader(Path(cfg.dataset) / "shards")
+        self.infer = HalvingInfer(self.engine.infer)  # halves a batch that runs out of memory
+        self.fallback_decoded = 0  # images DALI rejected that the CPU fallback decoded
 
     def close(self) -> None:
         self.reader.close()
@@ -286,9 +295,10 @@ def run_stages(processor: ShardProcessor, good: pa.Table, sink: RunSink, metrics
         encoded = [data if data is not None else b"" for data in work.encoded]
         work.decoded = decoder.decode(work.batch, encoded)
         work.decoded.errors.update(missing)
+        processor.fallback_decoded += len(work.decoded.fallback)
 
     def infer(work: _Work):
-        work.outputs = engine.infer(work.decoded.tensor)
+        work.outputs = processor.infer(work.decoded.tensor)
 
     def post(work: _Work):
         work.detections = postprocess(work.outputs[0], work.batch, len(model.names) or None, cfg.conf,
@@ -310,7 +320,8 @@ def run_stages(processor: ShardProcessor, good: pa.Table, sink: RunSink, metrics
     pipeline.run(_Work(b) for b in batches)
 
 
-def finish_run(cfg: RunConfig, prepared: PreparedRun, metrics: MetricsRecorder, **run_info) -> RunSummary:
+def finish_run(cfg: RunConfig, prepared: PreparedRun, metrics: MetricsRecorder, fallback_decoded: int = 0,
+               oom_splits: int = 0, **run_info) -> RunSummary:
     """Totals from the committed parts; run.json marked complete with `run_info` (device, backend...)."""
     run_json = prepared.run_json
     statuses = read_images(cfg.out, ["status", "n_det"])
@@ -318,7 +329,8 @@ def finish_run(cfg: RunConfig, prepared: PreparedRun, metrics: MetricsRecorder, 
     summary = RunSummary(
         images=len(statuses), failed=len(statuses) - by_status.get("ok", 0),
         detections=int(pc.sum(statuses.column("n_det")).as_py() or 0), by_status=dict(by_status),
-        wall_s=time.time() - prepared.t_start, processed=len(prepared.todo), stage_s=metrics.stage_totals())
+        wall_s=time.time() - prepared.t_start, processed=len(prepared.todo), stage_s=metrics.stage_totals(),
+        fallback_decoded=fallback_decoded, oom_splits=oom_splits)
     run_json.update(state="complete", finished=time.time(), totals=asdict(summary), **run_info)
     write_json_atomic(run_json, cfg.out / "run.json")
     return summary
@@ -330,8 +342,24 @@ def pa_array(values):
     return pa.array(sorted(values), pa.int64())
 
 
+def _retryable_ids(manifest, shards: list[int] | None) -> set[int]:
+    """Images that --retry-failed can process again: those whose bytes are stored (of our shards)."""
+    stored = manifest.filter(pc.equal(manifest.column("status"), "ok"))
+    if shards is not None:
+        stored = stored.filter(pc.is_in(stored.column("shard"), pa_array(shards).cast("int32")))
+    return set(stored.column("image_id").to_pylist())
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def _retryable_ids(manifest, shards: list[int] | None) -> set[int]:
+    """Images that --retry-failed can process again: those whose bytes are stored (of our shards)."""
+    stored = manifest.filter(pc.equal(manifest.column("status"), "ok"))
+    if shards is not None:
+        stored = stored.filter(pc.is_in(stored.column("shard"), pa_array(shards).cast("int32")))
+    return set(stored.column("image_id").to_pylist())
 
 
 def _input_hw(model: ModelInfo, cfg: RunConfig) -> tuple[int, int]:
