@@ -100,6 +100,16 @@ def _cached(out_dir: Path, params: dict, names: list[str]) -> list[Path] | None:
     return paths if all(p.is_file() for p in paths) else None
 
 
+def _prepare(out_dir: Path, names: list[str]) -> None:
+    """Create out_dir, drop its marker and JPEGs left over from another set."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).unlink(missing_ok=True)
+    keep = set(names)
+    for p in out_dir.glob("*.jpg"):
+        if p.name not in keep:
+            p.unlink()
+
+
 def _write_marker(out_dir: Path, params: dict) -> None:
     tmp = out_dir / (MARKER + ".tmp")
     tmp.write_text(json.dumps(params))
@@ -118,8 +128,7 @@ def make_jpeg_mix(out_dir: str | Path, n: int, seed: int = 0, workers: int = 2) 
     if (paths := _cached(out_dir, params, names)) is not None:
         return paths
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).unlink(missing_ok=True)
+    _prepare(out_dir, names)
     jobs = [(out_dir / name, w, h, seed, i)
             for i, (name, (w, h)) in enumerate(zip(names, size_mix(n, seed)))]
     # Threads, not processes: PIL and numpy release the GIL for the heavy
@@ -145,8 +154,7 @@ def make_small_images(out_dir: str | Path, n: int, size: tuple[int, int] = (64, 
     if (paths := _cached(out_dir, params, names)) is not None:
         return paths
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).unlink(missing_ok=True)
+    _prepare(out_dir, names)
     rng = np.random.default_rng([seed, 3])
     ramp_x = np.linspace(0, 1, w, dtype=np.float32)[None, None, :, None]
     ramp_y = np.linspace(0, 1, h, dtype=np.float32)[None, :, None, None]

@@ -11,8 +11,10 @@ absence) of detections, so after seeding the model is calibrated on a few
 synthetic photo-like letterboxed images:
   * BatchNorm running statistics are measured, so every Conv outputs
     roughly unit-variance pre-activations at every depth;
-  * class logits get the YOLO low prior bias per stride and a scale chosen
-    so that only a few tens of anchors per image score above 0.25;
+  * class logits get the YOLO low prior bias per stride, a penalty on the
+    mean feature activation (random features grow with input contrast, which
+    would flood busy images and uniform noise with candidates) and a scale
+    chosen so that only a few tens of anchors per image score above 0.25;
   * box (DFL) logits are scaled so the distance distributions are peaked,
     giving boxes of varied sizes instead of all-alike ones.
 BatchNorm is then fused into the convolutions, as exporters do.
@@ -25,12 +27,14 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from benchmarks.dataset import photo_like
 
@@ -59,6 +63,7 @@ REG_MAX = 16
 CONF = 0.25
 TARGET_CANDIDATES = {8: 12, 16: 10, 32: 8}
 DFL_LOGIT_STD = 2.0
+ENERGY_PENALTY = 2.5
 
 
 # ---------------------------------------------------------------- modules
@@ -144,7 +149,7 @@ class Detect(nn.Module):
 
     def __init__(self, nc: int, ch: tuple[int, ...]):
         super().__init__()
-        self.nc, self.no = nc, nc + 4 * REG_MAX
+        self.nc = nc
         c2 = max(16, ch[0] // 4, 4 * REG_MAX)
         c3 = max(ch[0], min(nc, 100))
         self.cv2 = nn.ModuleList(
@@ -257,11 +262,10 @@ def _calibrate(model: YOLOv8n, images: torch.Tensor) -> None:
     model(images)
     model.eval()
 
-    # 2. Head output convs: look at their pre-bias outputs on the same images.
+    # 2. Head output convs: look at their inputs on the same images.
     seen: dict[nn.Conv2d, torch.Tensor] = {}
     heads = [seq[-1] for seq in (*model.detect.cv2, *model.detect.cv3)]
-    hooks = [h.register_forward_hook(lambda m, i, o: seen.__setitem__(m, o - m.bias.view(1, -1, 1, 1)))
-             for h in heads]
+    hooks = [h.register_forward_hook(lambda m, i, o: seen.__setitem__(m, i[0])) for h in heads]
     model(images)
     for h in hooks:
         h.remove()
@@ -269,20 +273,31 @@ def _calibrate(model: YOLOv8n, images: torch.Tensor) -> None:
     logit_conf = math.log(CONF / (1 - CONF))
     for box, cls, s in zip(model.detect.cv2, model.detect.cv3, STRIDES):
         # Peaked DFL distributions: scale the box logits to a fixed spread.
-        box[-1].weight.mul_(DFL_LOGIT_STD / seen[box[-1]].std())
+        conv = box[-1]
+        z = F.conv2d(seen[conv], conv.weight)
+        conv.weight.mul_(DFL_LOGIT_STD / z.std())
 
-        # Class logits = prior + scale * (z - mean_c): centring stops a few
-        # classes from firing everywhere; the scale puts the threshold at
-        # the quantile that leaves TARGET_CANDIDATES anchors per image.
-        conv, z = cls[-1], seen[cls[-1]]
+        # Class logits = prior + scale * (z - mean_c - k * (energy - mean)).
+        # Centring per class stops a few classes firing everywhere. Random
+        # conv features grow with input contrast (a busy photo, or noise,
+        # gives several times the activations of a smooth one); subtracting
+        # the mean activation ("energy") cancels that, so busy images do not
+        # flood and smooth ones still get some candidates. The scale puts
+        # the 0.25 threshold at the quantile leaving TARGET_CANDIDATES anchors
+        # per calibration image.
+        conv, h = cls[-1], seen[cls[-1]]
+        z = F.conv2d(h, conv.weight)
         mean = z.mean(dim=(0, 2, 3))
-        zmax = (z - mean.view(1, -1, 1, 1)).amax(1).flatten()
-        per_image = zmax.numel() / images.shape[0]
-        tau = torch.quantile(zmax, 1 - TARGET_CANDIDATES[s] / per_image)
+        energy = h.mean(1)
+        k = ENERGY_PENALTY * (z - mean.view(1, -1, 1, 1)).std() / energy.std()
+        u = (z - mean.view(1, -1, 1, 1)).amax(1) - k * (energy - energy.mean())
+        per_image = u[0].numel()
+        tau = torch.quantile(u.flatten(), 1 - TARGET_CANDIDATES[s] / per_image)
         prior = math.log(5 / NC / (640 / s) ** 2)
         scale = (logit_conf - prior) / tau
-        conv.weight.mul_(scale)
-        conv.bias.copy_(prior - scale * mean)
+        # Fold it all into the conv: energy is the channel mean of h.
+        conv.weight.sub_(k / h.shape[1]).mul_(scale)
+        conv.bias.copy_(prior - scale * (mean - k * energy.mean()))
 
 
 @torch.no_grad()
@@ -346,14 +361,18 @@ def export_onnx(path: str | Path, seed: int = 0, opset: int = 17, verbose: bool 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.onnx.export(
-        model, (torch.zeros(1, 3, 640, 640),), str(tmp), dynamo=False,
-        opset_version=opset, do_constant_folding=True,
-        input_names=["images"], output_names=["output0"],
-        dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
-                      "output0": {0: "batch", 2: "anchors"}},
-    )
+    with warnings.catch_warnings():  # the legacy (TorchScript) exporter is chosen on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+                model, (torch.zeros(1, 3, 640, 640),), str(tmp), dynamo=False,
+            opset_version=opset, do_constant_folding=True,
+            input_names=["images"], output_names=["output0"],
+            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                          "output0": {0: "batch", 2: "anchors"}},
+        )
     m = onnx.load(str(tmp))
+    # The tracer loses the static 84 through the dynamic reshapes; restore it.
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4 + NC
     meta = {
         "description": f"Random-weight YOLOv8n-architecture model for benchmarks "
                        f"(bulkdet benchmarks.yolov8n {MODEL_VERSION}, seed {seed}); "
@@ -389,7 +408,11 @@ def _check_onnx(path: Path, verbose: bool = False) -> None:
             raise RuntimeError(f"bad ONNX output {y.shape} for input {x.shape}")
         if verbose:
             print(f"onnxruntime CPU [{b},3,{h},{w}] -> {list(y.shape)} in {dt * 1e3:.0f} ms; "
-                  f"candidates > {CONF}: {count_candidates(y)}")
+                  f"candidates > {CONF} per image: {count_candidates(y)}")
+    if verbose:
+        noise = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
+        (y,) = sess.run(["output0"], {"images": noise})
+        print(f"candidates > {CONF} on a uniform-noise image: {count_candidates(y)}")
 
 
 def ensure_model(cache_dir: str | Path, seed: int = 0) -> Path:

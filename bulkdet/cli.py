@@ -25,20 +25,24 @@ def _setup_logging(quiet: bool) -> None:
 def pack(
     src_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of images (walked recursively)."),
     out: Path = typer.Option(..., "--out", help="Dataset folder to create or extend."),
-    shard_size_mb: int = typer.Option(1024, help="Target size of one LMDB shard."),
+    shard_size_mb: float = typer.Option(1024, help="Target size of one LMDB shard (MB; fractions allowed)."),
     follow_symlinks: bool = typer.Option(False, help="Follow symbolic links (loops are detected)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Larger images get status too_large."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
     """Store every image under SRC_DIR, bytes unchanged, in LMDB shards plus a manifest."""
     from bulkdet.pack import pack as do_pack
 
     _setup_logging(quiet)
-    s = do_pack(src_dir, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet)
-    failed = sum(n for st, n in s.by_status.items() if st != "ok")
+    try:
+        s = do_pack(src_dir, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet)
+    except (OSError, RuntimeError) as exc:  # e.g. disk full: committed shards are kept and reused
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    not_usable = {st: n for st, n in s.by_status.items() if st != "ok"}
     typer.echo(f"packed {s.new} new files ({s.found} in all, {s.duplicates} duplicate contents stored once, "
                f"{s.stored_bytes / 1e6:.1f} MB stored) into {s.shards} shard(s) in {out}"
-               + (f"; {failed} not usable: {dict(s.by_status)}" if failed else ""))
+               + (f"; {sum(not_usable.values())} not usable: {not_usable}" if not_usable else ""))
 
 
 @app.command()
@@ -58,7 +62,12 @@ def run(
     overwrite: bool = typer.Option(False, help="Replace a previous run in --out made with other settings."),
     dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: all cores)."),
     infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    commit_every: int = typer.Option(4096, min=1, help="Commit a Parquet part every N images: what a kill can cost."),
+    retry_failed: bool = typer.Option(False, help="Process again the images whose status is not ok."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Spread the shards over a Ray cluster (needs bulkdet[ray])."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, or a local one)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Ray workers (default: one per GPU, or one per machine)."),
     check_precision: int = typer.Option(0, min=0, help="Also run this many images through the FP32 model "
                                         "and report drifting detections (with --precision fp16|int8)."),
     calib_images: int = typer.Option(64, min=1, help="INT8: calibration images drawn from DATASET_DIR."),
@@ -81,17 +90,31 @@ def run(
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"--{name}")
     cfg = RunConfig(dataset_dir, model, out, device, backend, imgsz, max_batch, conf, iou, max_det, names,
                     precision, overwrite, dali_threads, infer_threads, quiet=quiet,
+                    commit_images=commit_every, retry_failed=retry_failed,
                     check_precision=check_precision, calib_images=calib_images, cache_dir=cache_dir,
                     hw_decoder_load=hw_decoder_load, nms_in_model=nms_in_model)
+    if not use_ray and (ray_address or workers):
+        raise typer.BadParameter("needs --ray", param_hint="--ray-address/--workers")
     try:
-        s = do_run(cfg)
-    except (ConfigMismatch, FileNotFoundError, ValueError, RuntimeError) as exc:
+        if use_ray:
+            from bulkdet.distributed import run_on_ray
+
+            s = run_on_ray(cfg, ray_address, workers)
+        else:
+            s = do_run(cfg)
+    except ConfigMismatch as exc:  # the command conflicts with what --out holds: a usage error
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    except (OSError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
     typer.echo(f"{s.images} images ({s.processed} processed now), {s.detections} detections, "
                f"{s.failed} failed, in {s.wall_s:.1f} s -> {out}")
     if s.precision_check:
         typer.echo(s.precision_check)
+    if s.fallback_decoded or s.oom_splits:
+        typer.echo(f"{s.fallback_decoded} image(s) decoded by the CPU fallback; "
+                   f"{s.oom_splits} batch(es) split after running out of memory")
     if s.failed:
         typer.echo(f"{s.failed} input(s) failed: {s.by_status}. List them with:\n"
                    f"  duckdb -c \"SELECT path, status, error FROM '{out}/images/*.parquet' WHERE status <> 'ok'\"")
@@ -135,16 +158,45 @@ def prepare(
 
 @app.command()
 def report(
-    run_dir: Path = typer.Argument(..., exists=True, file_okay=False),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    run_dirs: list[Path] = typer.Argument(..., exists=True, file_okay=False, metavar="RUN_DIR",
+                                          help="A run folder, or two to compare side by side."),
+    html: Optional[Path] = typer.Option(None, "--html", dir_okay=False,
+                                        help="Also write one self-contained HTML page with plots and samples."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (or the comparison) as JSON."),
 ):
-    """Summarise a run: throughput, time per stage, failures, detections per class."""
-    from bulkdet.report import print_report, summarize
+    """Summarise a run: throughput, where the time went, padding, failures, detections per class."""
+    from bulkdet.report import compare, print_compare, print_report, summarize
+
+    if len(run_dirs) > 2:
+        raise typer.BadParameter("give one run folder, or two to compare", param_hint="RUN_DIR")
+    if html is not None and len(run_dirs) != 1:
+        raise typer.BadParameter("--html takes one run folder", param_hint="--html")
+    try:
+        if as_json:
+            s = summarize(run_dirs[0]) if len(run_dirs) == 1 else compare(*map(summarize, run_dirs))
+            typer.echo(json.dumps(s, indent=2, default=str))
+        elif len(run_dirs) == 1:
+            print_report(run_dirs[0])
+        else:
+            print_compare(*run_dirs)
+        if html is not None:
+            from bulkdet.html_report import write_html
+
+            typer.echo(f"HTML report: {write_html(run_dirs[0], html)}", err=as_json)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """What this machine can do: DALI, GPUs, ONNX Runtime providers, TensorRT, and why not."""
+    from bulkdet.info import print_info, probe
 
     if as_json:
-        typer.echo(json.dumps(summarize(run_dir), indent=2, default=str))
+        typer.echo(json.dumps(probe(), indent=2, default=str))
     else:
-        print_report(run_dir)
+        print_info()
 
 
 @app.command()

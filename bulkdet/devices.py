@@ -1,7 +1,7 @@
 """Which device and backend a run uses: `--device auto|cpu|gpu`, `--backend auto|onnxruntime|tensorrt`.
 
-The GPU path needs four things; `probe()` checks each without starting any of them:
-an NVIDIA driver that sees a GPU (libcuda), DALI's CUDA build seeing it (the "mixed" decoder),
+The GPU path needs four things; `probe()` checks each (with `bulkdet info`'s probes):
+an NVIDIA driver that sees a GPU, DALI's CUDA build seeing it (the "mixed" decoder),
 cuda-python (`cuda.bindings`: the streams and device buffers between DALI and the engine), and a
 backend: TensorRT (`tensorrt` module) or ONNX Runtime with its CUDA provider (onnxruntime-gpu).
 `--device gpu` without one of them is an error naming what is missing; `--device auto` then
@@ -10,19 +10,17 @@ runs on the CPU and says why.
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bulkdet.engines import ENGINE_SUFFIXES
+from bulkdet.info import GPU_EXTRA
 
 log = logging.getLogger("bulkdet")
 
 DEVICES = ("auto", "cpu", "gpu")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
-GPU_EXTRA = "pip install 'bulkdet[gpu]'"
 
 
 class DeviceError(RuntimeError):
@@ -68,58 +66,32 @@ class Selection:
     gpu_name: str | None = None
 
 
-def _driver() -> tuple[int, str | None, tuple[int, int] | None, str | None]:
-    """(GPU count, name of GPU 0, its compute capability, problem) from the CUDA driver API."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0, None, None, "no NVIDIA driver (libcuda.so.1 not found)"
-    if cuda.cuInit(0) != 0:
-        return 0, None, None, "the NVIDIA driver found no usable GPU (cuInit failed)"
-    count = ctypes.c_int(0)
-    if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
-        return 0, None, None, "the NVIDIA driver sees no GPU"
-    dev = ctypes.c_int(0)
-    cuda.cuDeviceGet(ctypes.byref(dev), 0)
-    name = ctypes.create_string_buffer(256)
-    cuda.cuDeviceGetName(name, 256, dev)
-    major, minor = ctypes.c_int(0), ctypes.c_int(0)
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
-    return count.value, name.value.decode(errors="replace"), (major.value, minor.value), None
-
-
 def probe() -> GpuStatus:
-    """Check every part of the GPU path on this machine (cheap: nothing is started)."""
+    """Every part of the GPU path on this machine, from `bulkdet info`'s probes (NVML for the GPUs,
+    a one-node session for ONNX Runtime's CUDA provider, imports for the rest)."""
+    from bulkdet.info import probe as probe_machine
+
+    found = probe_machine()
+    gpus = found["gpu"]["gpus"]
+    usable = {b["name"]: b for b in found["backends"]}
     missing = {}
-    gpus, name, cc, problem = _driver()
-    if problem:
-        missing["driver"] = problem
-    try:
-        from nvidia.dali import backend as dali_backend
-
-        if not problem and dali_backend.GetCUDADeviceCount() < 1:
-            missing["dali"] = "DALI's CUDA build sees no GPU (check nvidia-dali-cuda120 against the driver)"
-    except Exception as exc:  # noqa: BLE001 - any failure means no DALI GPU decoding
-        missing["dali"] = f"DALI with CUDA is not usable ({exc})"
-    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
-        missing["cuda-python"] = "no cuda-python (cuda.bindings) module"
-    import onnxruntime
-
-    ort_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    if not ort_cuda:
-        missing["onnxruntime"] = "onnxruntime has no CUDA provider (this is the CPU build, not onnxruntime-gpu)"
-    trt_version = None
-    if importlib.util.find_spec("tensorrt") is None:
-        missing["tensorrt"] = "no tensorrt module"
-    else:
-        try:
-            import tensorrt
-
-            trt_version = tensorrt.__version__
-        except Exception as exc:  # noqa: BLE001 - a broken install is a missing one
-            missing["tensorrt"] = f"the tensorrt module does not load ({exc})"
-    return GpuStatus(gpus, name, cc, ort_cuda, trt_version, missing)
+    if not gpus:
+        missing["driver"] = found["gpu"]["error"] or "no GPU"
+    mixed = usable["dali decode on gpu (mixed)"]
+    if gpus and not mixed["available"]:
+        missing["dali"] = f"DALI cannot decode on the GPU: {mixed['why_not']}"
+    if not found["cuda_python"]["version"]:
+        missing["cuda-python"] = "no cuda-python (cuda.bindings)"
+    ort_cuda = usable["onnxruntime on gpu (CUDAExecutionProvider)"]
+    if not ort_cuda["available"]:
+        missing["onnxruntime"] = f"onnxruntime's CUDA provider: {ort_cuda['why_not']}"
+    trt = found["tensorrt"]
+    if not trt["version"] or trt["error"]:
+        missing["tensorrt"] = f"TensorRT: {trt['error']}"
+    first = gpus[0] if gpus else {}
+    cc = tuple(int(v) for v in first["compute_capability"].split(".")) if first else None
+    return GpuStatus(len(gpus), first.get("name"), cc, ort_cuda["available"], trt["version"] if not trt["error"]
+                     else None, missing)
 
 
 def select(device: str = "auto", backend: str = "auto", model: Path | None = None,
@@ -149,7 +121,7 @@ def select(device: str = "auto", backend: str = "auto", model: Path | None = Non
         return Selection("gpu", wanted, why, status.gpu_name)
     problems = status.problems(None if backend == "auto" else backend)
     missing = "; ".join(problems)
-    if any(k in status.missing and status.missing[k] in problems for k in ("cuda-python", "tensorrt", "onnxruntime")):
+    if GPU_EXTRA not in missing and any(status.missing.get(k) in problems for k in ("cuda-python", "tensorrt")):
         missing += f" ({GPU_EXTRA} installs them)"
     if device == "gpu" or backend == "tensorrt":
         what = "--device gpu" if device == "gpu" else f"--backend tensorrt{' (for an engine file)' * is_engine}"

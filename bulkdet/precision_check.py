@@ -176,23 +176,25 @@ def check_precision(batches: list[Batch], read, reference: Detector, tested: Det
     return report
 
 
-def check_run_precision(cfg, prepared, model, batches: list[Batch], reader, engine, decoder,
-                        shapes) -> DriftReport | None:
-    """`run --check-precision N`: the first N planned images through the FP32 source model too,
-    on the same device and backend; None when there is no FP32 model to compare with."""
+def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
+    """`run --check-precision N`: the first N images left to do through the FP32 source model too,
+    on the same device and backend (a runner.ShardProcessor holds the run's engine, decoder and
+    reader); None when there is no FP32 model to compare with."""
     import logging
 
     from bulkdet.decode import Decoder
     from bulkdet.engines import create_engine
     from bulkdet.models import load_model_info
+    from bulkdet.plan import plan_batches
 
     log = logging.getLogger("bulkdet")
     if prepared.precision == "engine" or Path(prepared.path) == Path(cfg.model):
         log.warning("--check-precision: nothing to compare (the model given runs as it is; pass the FP32 "
                     "ONNX with --precision fp16 or int8, or --nms-in-model)")
         return None
-    reference_engine = create_engine(engine.name, cfg.model, device=decoder.device, threads=cfg.infer_threads,
-                                     shapes=shapes, cache_dir=cfg.cache_dir, ring_slots=2)
+    engine, decoder, model = processor.engine, processor.decoder, processor.model
+    reference_engine = create_engine(engine.name, cfg.model, device=processor.device, threads=cfg.infer_threads,
+                                     shapes=processor.shapes, cache_dir=cfg.cache_dir, ring_slots=2)
     try:
         reference_decoder = decoder
         if np.dtype(reference_engine.input_dtype) != np.dtype(engine.input_dtype):
@@ -200,8 +202,9 @@ def check_run_precision(cfg, prepared, model, batches: list[Batch], reader, engi
                                         out_dtype=reference_engine.input_dtype, hw_decoder_load=cfg.hw_decoder_load)
         post = (len(model.names) or None, cfg.conf, cfg.iou, cfg.max_det)
         reference_end2end = load_model_info(cfg.model).end2end  # the FP32 source: no NMS in it (usually)
-        report = check_precision(first_images(batches, cfg.check_precision),
-                                 lambda b: reader.get_many(b.shard, b.keys),
+        batches = first_images(plan_batches(todo, processor.input_hw, processor.max_batch), cfg.check_precision)
+        reader = processor.reader
+        report = check_precision(batches, lambda b: reader.get_many(b.shard, b.keys),
                                  Detector(reference_engine, reference_decoder, *post, reference_end2end),
                                  Detector(engine, decoder, *post, model.end2end),
                                  prepared.precision + ("+nms" if prepared.nms else ""))

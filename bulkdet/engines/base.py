@@ -24,5 +24,9 @@ class Engine(Protocol):
         there, so the next batch decodes while this one is inferred; CPU engines return it."""
         ...
 
+    def release(self, images) -> None:
+        """Called after inference of a staged batch: GPU engines reuse its input buffer."""
+        ...
+
     def close(self) -> None:
         ...

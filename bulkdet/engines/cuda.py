@@ -88,12 +88,30 @@ class DeviceBuffer:
 
 @dataclass(frozen=True)
 class InputSlot:
-    """A decoded batch in one ring buffer: what the engine binds as its input."""
+    """A decoded batch in one ring buffer: what the engine binds as its input.
+
+    Slicing along the batch gives views into the same buffer (the out-of-memory retry splits a
+    batch so); only the slot itself (`owner`) goes back to the ring.
+    """
 
     index: int
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    owner: bool = True
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> "InputSlot":
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise IndexError("input slots slice along the batch with step 1 only")
+        if (start, stop) == (0, len(self)):
+            return self
+        per_image = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        return InputSlot(self.index, self.ptr + start * per_image, (max(stop - start, 0), *self.shape[1:]),
+                         self.dtype, owner=False)
 
 
 def tensor_shape(tensor) -> tuple[int, ...]:
@@ -141,8 +159,10 @@ class InputRing:
             raise
         return InputSlot(index, buf.ptr, shape, self.dtype)
 
-    def release(self, slot: InputSlot) -> None:
-        self.free.put(slot.index)
+    def release(self, slot) -> None:
+        """Give a staged batch's buffer back (anything else, views included, is ignored)."""
+        if isinstance(slot, InputSlot) and slot.owner:
+            self.free.put(slot.index)
 
     def close(self) -> None:
         for buf in self.buffers:

@@ -49,11 +49,18 @@ class OnnxRuntimeEngine:
             return self.session.run(None, {self.input_name: images})
         from bulkdet.engines.cuda import InputSlot
 
-        slot = images if isinstance(images, InputSlot) else self.ring.stage(images)
+        if isinstance(images, InputSlot):  # staged by the decode thread: its owner releases it
+            return self.run_bound(images.ptr, images.shape, images.dtype, "cuda")
+        slot = self.ring.stage(images)
         try:
             return self.run_bound(slot.ptr, slot.shape, slot.dtype, "cuda")
         finally:
             self.ring.release(slot)
+
+    def release(self, images) -> None:
+        """After inference: a staged batch's device buffer goes back to the ring (GPU only)."""
+        if self.ring is not None:
+            self.ring.release(images)
 
     def run_bound(self, ptr: int, shape, dtype, device_type: str) -> list[np.ndarray]:
         """Run on an input already in memory, bound by pointer (IOBinding): no copy of the input."""

@@ -247,23 +247,33 @@ class TensorRTEngine:
         from bulkdet.engines import cuda
 
         cuda.set_device(self.device_id)
-        slot = images if isinstance(images, cuda.InputSlot) else self.ring.stage(images)
+        if isinstance(images, cuda.InputSlot):  # staged by the decode thread: its owner releases it
+            return self._execute(images)
+        slot = self.ring.stage(images)
         try:
-            context = self.contexts[profile_for(self.profiles, slot.shape)]
-            context.set_input_shape(self.input_name, slot.shape)
-            context.set_tensor_address(self.input_name, slot.ptr)
-            for name, buf in zip(self.output_names, self.outputs):
-                context.set_tensor_address(name, buf.ptr)
-            if not context.execute_async_v3(int(self.stream)):
-                raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
-            results = []
-            for name, buf, dtype in zip(self.output_names, self.outputs, self.output_dtypes):
-                host = np.empty(tuple(context.get_tensor_shape(name)), dtype)
-                results.append(buf.download(host, self.stream))
-            self.stream.synchronize()
-            return results
+            return self._execute(slot)
         finally:
             self.ring.release(slot)
+
+    def release(self, images) -> None:
+        """After inference: a staged batch's device buffer goes back to the ring."""
+        self.ring.release(images)
+
+    def _execute(self, slot) -> list[np.ndarray]:
+        """Run one staged batch on the context of its profile; outputs copied to the host."""
+        context = self.contexts[profile_for(self.profiles, slot.shape)]
+        context.set_input_shape(self.input_name, slot.shape)
+        context.set_tensor_address(self.input_name, slot.ptr)
+        for name, buf in zip(self.output_names, self.outputs):
+            context.set_tensor_address(name, buf.ptr)
+        if not context.execute_async_v3(int(self.stream)):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
+        results = []
+        for name, buf, dtype in zip(self.output_names, self.outputs, self.output_dtypes):
+            host = np.empty(tuple(context.get_tensor_shape(name)), dtype)
+            results.append(buf.download(host, self.stream))
+        self.stream.synchronize()
+        return results
 
     def close(self) -> None:
         for buf in self.outputs:
