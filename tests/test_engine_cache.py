@@ -1,5 +1,6 @@
 """TensorRT's pure parts, testable without TensorRT: optimisation profiles and cache keys."""
 
+import numpy as np
 import pytest
 
 from bulkdet.engines.tensorrt import (Profile, engine_cache_key, engine_cache_path, optimization_profiles,
@@ -42,3 +43,25 @@ def test_engine_cache_key_changes_with_everything_that_makes_an_engine_incompati
     assert engine_cache_path(tmp_path, tmp_path / "m.int8.onnx", key).name == f"m.int8.{key[:16]}.engine"
     assert timing_cache_path(tmp_path, "10.9.0", "NVIDIA H100 80GB HBM3", (9, 0)).name == \
         "timing-trt10.9.0-nvidia-h100-80gb-hbm3-sm90.cache"
+
+
+def test_staged_batches_split_into_views_for_the_out_of_memory_retry():
+    from bulkdet.engines.base import InputSlot, ring_elements
+    from bulkdet.oom import HalvingInfer
+
+    slot = InputSlot(index=2, ptr=1_000_000, shape=(5, 3, 4, 8), dtype=np.dtype(np.float16))
+    seen = []
+
+    def infer(piece):  # runs out of memory above 2 images, like an engine would
+        if len(piece) > 2:
+            raise RuntimeError("CUDA error cudaErrorMemoryAllocation: out of memory")
+        seen.append(piece)
+        return [np.full((len(piece), 6), piece.ptr, np.float64)]
+
+    (out,) = HalvingInfer(infer)(slot)
+    per_image = 3 * 4 * 8 * 2
+    assert [(len(p), p.ptr, p.owner) for p in seen] == [
+        (2, 1_000_000, False), (2, 1_000_000 + 2 * per_image, False), (1, 1_000_000 + 4 * per_image, False)]
+    assert out.shape == (5, 6) and all(p.index == 2 and p.shape[1:] == (3, 4, 8) for p in seen)
+    assert slot[0:5] is slot and slot[:] is slot  # the whole batch is the slot itself (released by its owner)
+    assert ring_elements([(32, 640, 640), (32, 384, 640), (16, 640, 800)]) == 32 * 3 * 640 * 640

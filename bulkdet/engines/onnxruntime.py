@@ -7,6 +7,8 @@ import os
 import numpy as np
 import onnxruntime as ort
 
+from bulkdet.engines.base import InputSlot, ring_elements
+
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -34,7 +36,7 @@ class OnnxRuntimeEngine:
         self.device_id = device_id
         self.ring = None
         if device == "gpu":
-            from bulkdet.engines.cuda import InputRing, ring_elements
+            from bulkdet.engines.cuda import InputRing
 
             if not shapes:
                 raise ValueError("the CUDA engine needs the batch shapes to size its input buffers")
@@ -47,8 +49,6 @@ class OnnxRuntimeEngine:
     def infer(self, images) -> list[np.ndarray]:
         if self.ring is None:
             return self.session.run(None, {self.input_name: images})
-        from bulkdet.engines.cuda import InputSlot
-
         if isinstance(images, InputSlot):  # staged by the decode thread: its owner releases it
             return self.run_bound(images.ptr, images.shape, images.dtype, "cuda")
         slot = self.ring.stage(images)

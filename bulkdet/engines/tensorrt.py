@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bulkdet.engines.base import InputSlot
+
 log = logging.getLogger("bulkdet")
 
 MAX_PROFILES = 4  # more distinct shapes than this share one spanning profile
@@ -247,7 +249,7 @@ class TensorRTEngine:
         from bulkdet.engines import cuda
 
         cuda.set_device(self.device_id)
-        if isinstance(images, cuda.InputSlot):  # staged by the decode thread: its owner releases it
+        if isinstance(images, InputSlot):  # staged by the decode thread: its owner releases it
             return self._execute(images)
         slot = self.ring.stage(images)
         try:
