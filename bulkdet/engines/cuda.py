@@ -9,13 +9,15 @@ compiles against a CUDA toolkit at install time.
 at the largest batch, each holding one decoded batch in the dtype the engine reads. The
 decode thread copies DALI's output into a free buffer (device to device, on its own stream,
 no host round trip) while the engine still runs the previous batch from another buffer: two
-batches in flight. The engine releases the buffer when its inference has finished.
+batches in flight. The runner gives the buffer back (`engine.release`) when inference ends.
+The slot type (`InputSlot`) is in engines/base.py: it needs no CUDA.
 """
 
 from __future__ import annotations
 
 import ctypes
 import queue
+
 import numpy as np
 from cuda.bindings import runtime as cudart
 
