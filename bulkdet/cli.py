@@ -25,20 +25,24 @@ def _setup_logging(quiet: bool) -> None:
 def pack(
     src_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of images (walked recursively)."),
     out: Path = typer.Option(..., "--out", help="Dataset folder to create or extend."),
-    shard_size_mb: int = typer.Option(1024, help="Target size of one LMDB shard."),
+    shard_size_mb: float = typer.Option(1024, help="Target size of one LMDB shard (MB; fractions allowed)."),
     follow_symlinks: bool = typer.Option(False, help="Follow symbolic links (loops are detected)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Larger images get status too_large."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
     """Store every image under SRC_DIR, bytes unchanged, in LMDB shards plus a manifest."""
     from bulkdet.pack import pack as do_pack
 
     _setup_logging(quiet)
-    s = do_pack(src_dir, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet)
-    failed = sum(n for st, n in s.by_status.items() if st != "ok")
+    try:
+        s = do_pack(src_dir, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet)
+    except (OSError, RuntimeError) as exc:  # e.g. disk full: committed shards are kept and reused
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    not_usable = {st: n for st, n in s.by_status.items() if st != "ok"}
     typer.echo(f"packed {s.new} new files ({s.found} in all, {s.duplicates} duplicate contents stored once, "
                f"{s.stored_bytes / 1e6:.1f} MB stored) into {s.shards} shard(s) in {out}"
-               + (f"; {failed} not usable: {dict(s.by_status)}" if failed else ""))
+               + (f"; {sum(not_usable.values())} not usable: {not_usable}" if not_usable else ""))
 
 
 @app.command()
@@ -60,10 +64,24 @@ def run(
     infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads per batch (default: cores / workers)."),
     infer_workers: Optional[int] = typer.Option(None, min=1, help="Batches inferred at once (default: min(cores, 4) on CPU, 1 on GPU)."),
     pixel_budget: Optional[int] = typer.Option(
-        None, min=1, help="Most input pixels (padded) in one batch (default: 8 square inputs on CPU, --max-batch on GPU)."),
+        None, min=1, help="Most input pixels (padded) in one batch (default: two 640x640 inputs on CPU, --max-batch on GPU)."),
     decode_budget: Optional[int] = typer.Option(
         None, min=1, help="Most original pixels decoded at once; bigger batches are split (default: 64e6)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    commit_every: int = typer.Option(4096, min=1, help="Commit a Parquet part every N images: what a kill can cost."),
+    retry_failed: bool = typer.Option(False, help="Process again the images whose status is not ok."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Spread the shards over a Ray cluster (needs bulkdet[ray])."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, or a local one)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Ray workers (default: one per GPU, or one per machine)."),
+    check_precision: int = typer.Option(0, min=0, help="Also run this many images through the FP32 model "
+                                        "and report drifting detections (with --precision fp16|int8)."),
+    calib_images: int = typer.Option(64, min=1, help="INT8: calibration images drawn from DATASET_DIR."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Prepared models and TensorRT engines "
+                                             "(default: $BULKDET_CACHE_DIR or ~/.cache/bulkdet)."),
+    hw_decoder_load: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="GPU: share of JPEGs for the "
+                                                    "hardware JPEG decoder (DALI's default when unset)."),
+    nms_in_model: bool = typer.Option(False, help="Append NMS to the model (YOLOv8 layout): only final "
+                                      "detections leave the engine."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.runner import RunConfig, run as do_run
@@ -77,14 +95,32 @@ def run(
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"--{name}")
     cfg = RunConfig(dataset_dir, model, out, device, backend, imgsz, max_batch, conf, iou, max_det, names,
                     precision, overwrite, dali_threads, infer_threads, quiet=quiet,
+                    commit_images=commit_every, retry_failed=retry_failed,
+                    check_precision=check_precision, calib_images=calib_images, cache_dir=cache_dir,
+                    hw_decoder_load=hw_decoder_load, nms_in_model=nms_in_model,
                     pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers)
+    if not use_ray and (ray_address or workers):
+        raise typer.BadParameter("needs --ray", param_hint="--ray-address/--workers")
     try:
-        s = do_run(cfg)
-    except (ConfigMismatch, FileNotFoundError, ValueError, RuntimeError) as exc:
+        if use_ray:
+            from bulkdet.distributed import run_on_ray
+
+            s = run_on_ray(cfg, ray_address, workers)
+        else:
+            s = do_run(cfg)
+    except ConfigMismatch as exc:  # the command conflicts with what --out holds: a usage error
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    except (OSError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
     typer.echo(f"{s.images} images ({s.processed} processed now), {s.detections} detections, "
                f"{s.failed} failed, in {s.wall_s:.1f} s -> {out}")
+    if s.precision_check:
+        typer.echo(s.precision_check)
+    if s.fallback_decoded or s.oom_splits:
+        typer.echo(f"{s.fallback_decoded} image(s) decoded by the CPU fallback; "
+                   f"{s.oom_splits} batch(es) split after running out of memory")
     if s.failed:
         typer.echo(f"{s.failed} input(s) failed: {s.by_status}. List them with:\n"
                    f"  duckdb -c \"SELECT path, status, error FROM '{out}/images/*.parquet' WHERE status <> 'ok'\"")
@@ -92,17 +128,81 @@ def run(
 
 
 @app.command()
-def report(
-    run_dir: Path = typer.Argument(..., exists=True, file_okay=False),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+def prepare(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="FP32 ONNX detector."),
+    precision: str = typer.Option(..., help="fp16 | int8"),
+    calib: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
+                                         help="INT8: dataset (from `bulkdet pack`) to calibrate on."),
+    calib_images: int = typer.Option(64, min=1, help="INT8: images drawn from --calib."),
+    imgsz: int = typer.Option(640, help="INT8: input size for dynamic-shape models (use the run's)."),
+    seed: int = typer.Option(0, help="INT8: seed of the calibration draw."),
+    target: str = typer.Option("gpu", help="INT8: gpu = symmetric int8 (TensorRT; also runs on the CPU), "
+                               "cpu = uint8 activations (faster and closer to FP32 on x86 ONNX Runtime)."),
+    out: Optional[Path] = typer.Option(None, "--out", dir_okay=False, help="Also copy the prepared model here."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Default: $BULKDET_CACHE_DIR or ~/.cache/bulkdet."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Summarise a run: throughput, time per stage, failures, detections per class."""
-    from bulkdet.report import print_report, summarize
+    """Make the FP16 or INT8 (Q/DQ, calibrated) ONNX of MODEL; cached, reused by `run --precision`."""
+    from bulkdet.prepare import Calibration, export_prepared, prepare_model
+
+    _setup_logging(quiet)
+    if precision not in ("fp16", "int8"):
+        raise typer.BadParameter(f"{precision!r} is not one of fp16, int8", param_hint="--precision")
+    if precision == "int8" and calib is None:
+        raise typer.BadParameter("int8 needs calibration images: --calib DATASET_DIR", param_hint="--calib")
+    if target not in ("gpu", "cpu"):
+        raise typer.BadParameter(f"{target!r} is not one of gpu, cpu", param_hint="--target")
+    calibration = Calibration(calib, calib_images, seed, imgsz, target) if precision == "int8" else None
+    try:
+        prepared = prepare_model(model, precision, calibration, cache_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    path = export_prepared(prepared, out) if out else prepared.path
+    typer.echo(f"{precision} model {'from the cache' if prepared.cached else 'prepared'}: {path}")
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., exists=True, file_okay=False, metavar="RUN_DIR",
+                                          help="A run folder, or two to compare side by side."),
+    html: Optional[Path] = typer.Option(None, "--html", dir_okay=False,
+                                        help="Also write one self-contained HTML page with plots and samples."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (or the comparison) as JSON."),
+):
+    """Summarise a run: throughput, where the time went, padding, failures, detections per class."""
+    from bulkdet.report import compare, print_compare, print_report, summarize
+
+    if len(run_dirs) > 2:
+        raise typer.BadParameter("give one run folder, or two to compare", param_hint="RUN_DIR")
+    if html is not None and len(run_dirs) != 1:
+        raise typer.BadParameter("--html takes one run folder", param_hint="--html")
+    try:
+        if as_json:
+            s = summarize(run_dirs[0]) if len(run_dirs) == 1 else compare(*map(summarize, run_dirs))
+            typer.echo(json.dumps(s, indent=2, default=str))
+        elif len(run_dirs) == 1:
+            print_report(run_dirs[0])
+        else:
+            print_compare(*run_dirs)
+        if html is not None:
+            from bulkdet.html_report import write_html
+
+            typer.echo(f"HTML report: {write_html(run_dirs[0], html)}", err=as_json)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """What this machine can do: DALI, GPUs, ONNX Runtime providers, TensorRT, and why not."""
+    from bulkdet.info import print_info, probe
 
     if as_json:
-        typer.echo(json.dumps(summarize(run_dir), indent=2, default=str))
+        typer.echo(json.dumps(probe(), indent=2, default=str))
     else:
-        print_report(run_dir)
+        print_info()
 
 
 @app.command()

@@ -6,13 +6,18 @@ One graph for both devices: `cpu` decodes on the host, `gpu` uses DALI's "mixed"
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from nvidia import nvimgcodec  # DALI's own image codec library (a dependency of DALI)
 from nvidia.dali import fn, pipeline_def, types
+from PIL import Image, ImageOps
 
+import bulkdet.imageinfo  # noqa: F401 - sets Pillow's own pixel limit off: --max-pixels applies
 from bulkdet.plan import Batch
 
 PAD_VALUE = 114
@@ -24,16 +29,18 @@ class DecodedBatch:
     batch: Batch
     tensor: object  # np.ndarray [B,3,H,W] on cpu; a DALI TensorGPU on gpu
     errors: dict[int, str] = field(default_factory=dict)  # index in batch -> decoder message
+    fallback: list[int] = field(default_factory=list)  # indices decoded by the CPU fallback (Pillow)
 
 
 @pipeline_def
-def _letterbox_graph(decoder_device: str, out_dtype):
+def _letterbox_graph(decoder_device: str, out_dtype, hw_decoder_load: float | None = None):
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
     resize_hw = fn.external_source(name="resize_hw", dtype=types.FLOAT, ndim=1)
     anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
     shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
     # adjust_orientation (default on) applies EXIF orientation: output is upright.
-    images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+    images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
+                               **_mixed_options(decoder_device, hw_decoder_load))
     images = fn.resize(images, size=resize_hw, antialias=True, interp_type=types.INTERP_LINEAR)
     # A window starting at (-top, -left): the image lands centred, the rest is gray padding.
     images = fn.slice(images, anchor, shape, axis_names="HW", out_of_bounds_policy="pad",
@@ -41,12 +48,21 @@ def _letterbox_graph(decoder_device: str, out_dtype):
     return fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", mean=[0.0], std=[255.0])
 
 
+def _mixed_options(decoder_device: str, hw_decoder_load: float | None) -> dict:
+    """The share of JPEGs the GPU decoder sends to the hardware JPEG decoder (A100/H100 have
+    one); DALI's default when None. The CPU decoder takes no such option."""
+    if decoder_device != "mixed" or hw_decoder_load is None:
+        return {}
+    return {"hw_decoder_load": hw_decoder_load}
+
+
 class Decoder:
     """Decodes whole batches; when DALI rejects a batch, isolates the bad images."""
 
     def __init__(self, device: str = "cpu", max_batch: int = 32, num_threads: int | None = None,
-                 out_dtype=np.float32, device_id: int = 0):
+                 out_dtype=np.float32, device_id: int = 0, hw_decoder_load: float | None = None):
         self.device = device
+        self.hw_decoder_load = hw_decoder_load
         self.max_batch = max_batch
         self.num_threads = num_threads or max(1, os.cpu_count() or 1)
         self.out_dtype = out_dtype
@@ -56,7 +72,7 @@ class Decoder:
     def _build(self):
         pipe = _letterbox_graph(
             decoder_device="mixed" if self.device == "gpu" else "cpu",
-            out_dtype=_DALI_DTYPES[np.dtype(self.out_dtype).type],
+            out_dtype=_DALI_DTYPES[np.dtype(self.out_dtype).type], hw_decoder_load=self.hw_decoder_load,
             batch_size=self.max_batch, num_threads=self.num_threads,
             device_id=self.device_id if self.device == "gpu" else None,
             prefetch_queue_depth=1, exec_async=False, exec_pipelined=False,
@@ -75,28 +91,124 @@ class Decoder:
         return out.as_tensor()
 
     def decode(self, batch: Batch, encoded: list[bytes]) -> DecodedBatch:
-        idx = list(range(len(batch)))
-        try:
-            return DecodedBatch(batch, self._to_output(self._run(encoded, batch, idx)))
-        except RuntimeError:
-            self.pipe = self._build()  # a pipeline that raised is not reused
-        # Isolate the bad images one by one; the good ones are decoded again together.
-        errors = {}
-        for i in idx:
+        # What DALI's own parser rejects never reaches DALI: a parse failure inside a large
+        # DALI batch can crash the process (seen with DALI 2.4), not just fail the batch.
+        errors = {i: msg for i, data in enumerate(encoded) if (msg := _parse_error(data)) is not None}
+        idx = [i for i in range(len(batch)) if i not in errors]
+        if not errors:
             try:
-                self._run(encoded, batch, [i])
+                return DecodedBatch(batch, self._to_output(self._run(encoded, batch, idx)))
             except RuntimeError as exc:
-                errors[i] = _dali_message(exc)
-                self.pipe = self._build()
-        good = [i for i in idx if i not in errors]
+                self.pipe = self._build()  # a pipeline that raised is not reused
+                error = exc
+        # Some image is bad: isolate it so that a bad image costs only its own row. This rare
+        # path assembles the batch on the host.
         h, w = batch.input_hw
         tensor = np.full((len(batch), 3, h, w), PAD_VALUE / 255.0, dtype=self.out_dtype)
-        if good:
-            tensor[good] = np.asarray(self._to_output(self._run(encoded, batch, good)))
-        return DecodedBatch(batch, tensor, errors)
+        if errors:
+            self._decode_group(encoded, batch, idx, tensor, errors)
+        else:
+            self._isolate(encoded, batch, idx, error, tensor, errors)
+        # What DALI rejects gets a second chance on the CPU decoder (e.g. GIF).
+        fallback = []
+        for i in sorted(errors):
+            try:
+                tensor[i] = pillow_letterbox(encoded[i], batch, i, self.out_dtype)
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
+                errors[i] = f"dali: {errors[i]}; pillow: {_pillow_message(exc)}"[:500]
+            else:
+                fallback.append(i)
+                del errors[i]
+        return DecodedBatch(batch, tensor, errors, fallback)
+
+    def _decode_group(self, encoded: list[bytes], batch: Batch, idx: list[int], tensor: np.ndarray,
+                      errors: dict[int, str]) -> None:
+        """Decode `idx` into `tensor`; on failure, isolate the bad images of the group."""
+        if not idx:
+            return
+        try:
+            tensor[idx] = _to_host(self._run(encoded, batch, idx))
+        except RuntimeError as exc:
+            self.pipe = self._build()
+            self._isolate(encoded, batch, idx, exc, tensor, errors)
+
+    def _isolate(self, encoded: list[bytes], batch: Batch, idx: list[int], error: RuntimeError,
+                 tensor: np.ndarray, errors: dict[int, str]) -> None:
+        """`idx` failed with `error`: record its bad images in `errors`, decode the rest into `tensor`.
+
+        When DALI names the sample that failed ("Failed to decode sample #k", a corrupt image),
+        the others are decoded again together; otherwise the group is bisected, so the good
+        images still decode in parallel groups.
+        """
+        if len(idx) == 1:
+            errors[idx[0]] = _dali_message(error)
+            return
+        named = re.search(r"Failed to decode sample #(\d+)", str(error))
+        if named and int(named.group(1)) < len(idx):
+            bad = idx[int(named.group(1))]
+            errors[bad] = _dali_message(error)
+            groups = [[i for i in idx if i != bad]]
+        else:
+            groups = [idx[:len(idx) // 2], idx[len(idx) // 2:]]
+        for group in groups:
+            self._decode_group(encoded, batch, group, tensor, errors)
 
     def _to_output(self, tensor):
         return np.array(tensor) if self.device == "cpu" else tensor
+
+
+def _parse_error(data: bytes) -> str | None:
+    """Why DALI's image parser (nvImageCodec) can't read this header; None when it can."""
+    try:
+        nvimgcodec.CodeStream(data).codec_name  # reading an attribute forces the parse
+    except RuntimeError as exc:
+        return f"nvImageCodec can't parse it ({exc})"
+    return None
+
+
+def _to_host(tensor) -> np.ndarray:
+    """A DALI output tensor (CPU or GPU) as a host array."""
+    return np.asarray(tensor.as_cpu() if hasattr(tensor, "as_cpu") else tensor)
+
+
+def pillow_letterbox(data: bytes, batch: Batch, i: int, out_dtype=np.float32) -> np.ndarray:
+    """The CPU fallback: image `i` of `batch` decoded with Pillow into the same [3,H,W] letterbox
+    as the DALI graph (EXIF orientation applied, first frame of an animation, alpha dropped).
+
+    Pixel values can differ slightly from DALI's (another resampler); geometry is identical,
+    so boxes map back the same way.
+    """
+    lb = batch.letterbox
+    h, w = batch.input_hw
+    new_w, new_h, top, left = int(lb.new_w[i]), int(lb.new_h[i]), int(lb.top[i]), int(lb.left[i])
+    with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
+        warnings.simplefilter("ignore")  # e.g. palette transparency notes: not errors
+        im.seek(0)  # first frame of an animated GIF / WebP / multi-page TIFF
+        im.load()  # decode now: this is where a broken file raises
+        try:
+            upright = ImageOps.exif_transpose(im)
+        except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image (as in imageinfo)
+            upright = im
+        rgb = _to_rgb(upright)
+    canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
+    canvas[top:top + new_h, left:left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BILINEAR))
+    return (canvas.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(out_dtype)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode; 16-bit and 32-bit gray are scaled, not clipped."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        scale = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(np.rint(a * (255.0 / scale)), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.rint(np.asarray(im) * 255.0), 0, 255).astype(np.uint8), "L")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+# nvImageCodec's status codes (nvimgcodecStatus_t), shown by DALI as "nvImageCodec failure: '#N'".
+_NVIMGCODEC_STATUS = {2: "invalid parameter", 3: "bad code stream", 4: "code stream not supported", 5: "allocator failure",
+                      6: "execution failed", 9: "implementation not supported"}
 
 
 def _dali_message(exc: Exception) -> str:
@@ -106,4 +218,15 @@ def _dali_message(exc: Exception) -> str:
     after = text.split("encountered:", 1)[-1]
     lines = [ln.strip() for ln in after.splitlines() if ln.strip() and "no longer valid" not in ln]
     message = lines[0] if lines else type(exc).__name__
+    # "sample #N" counts within the isolating run, not the batch: drop it.
+    message = re.sub(r"Failed to decode sample #\d+\s*:?\s*$", "failed to decode", message)
+    code = re.search(r"nvImageCodec failure: '#(\d+)'", message)
+    if code and int(code.group(1)) in _NVIMGCODEC_STATUS:
+        message += f" ({_NVIMGCODEC_STATUS[int(code.group(1))]})"
     return (f"{operator.group(1)}: {message}" if operator else message)[:500]
+
+
+def _pillow_message(exc: Exception) -> str:
+    # Drop object addresses ("<_io.BytesIO object at 0x...>"): a re-run must give the same row.
+    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

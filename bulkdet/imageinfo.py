@@ -48,14 +48,22 @@ def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
             with Image.open(io.BytesIO(data)) as im:
                 fmt = im.format
                 width, height = im.size
-                try:
-                    orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))
-                except Exception:  # a broken EXIF block is not a broken image
-                    orientation = 1
+                _check(fmt, width, height, max_pixels)  # before anything that may decode pixels
+                orientation = _orientation(im)
+    except ImageError:
+        raise
     except Image.UnidentifiedImageError:
         raise ImageError("unsupported", "not a recognised image format") from None
     except Exception as exc:
         raise ImageError("unsupported", f"unreadable image header: {exc}") from None
+    if orientation not in range(1, 9):
+        orientation = 1
+    if orientation >= 5:  # 5..8 transpose the image: stored width is upright height
+        width, height = height, width
+    return ImageInfo(SUPPORTED_FORMATS[fmt], width, height, orientation)
+
+
+def _check(fmt: str | None, width: int, height: int, max_pixels: int) -> None:
     if fmt not in SUPPORTED_FORMATS:
         raise ImageError("unsupported", f"image format {fmt} is not supported")
     if width <= 0 or height <= 0:
@@ -64,8 +72,18 @@ def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
         raise ImageError(
             "too_large", f"{width}x{height} = {width * height} pixels exceeds --max-pixels {max_pixels}"
         )
-    if orientation not in range(1, 9):
-        orientation = 1
-    if orientation >= 5:  # 5..8 transpose the image: stored width is upright height
-        width, height = height, width
-    return ImageInfo(SUPPORTED_FORMATS[fmt], width, height, orientation)
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation, 1 when absent or unreadable; never decodes pixels.
+
+    Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixel
+    data (a decompression bomb would be allocated here): a PNG's EXIF is read only when the
+    chunk came before the pixels.
+    """
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block is not a broken image
+        return 1

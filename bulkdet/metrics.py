@@ -1,15 +1,53 @@
-"""Per-batch measurements, collected by the runner and written to metrics.parquet."""
+"""Per-batch measurements, collected by the runner and written to metrics.parquet.
+
+One row per batch: which bucket shape it ran at, how many images and pixels it held, how much
+of the computed input was padding, when each stage started and ended and how long it was busy,
+how many batches waited in front of each stage, and the device. Recording is always on, so it
+must stay cheap: a row is a handful of numpy sums and a dict (a few microseconds; measured by
+benchmarks/metrics_overhead.py). Rows are streamed to a temporary Parquet file in row groups of
+`FLUSH_ROWS`, so memory does not grow with the run, and the file is renamed into place at the end.
+A resumed run keeps the rows of earlier invocations (told apart by `run_id`).
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from bulkdet.atomic import write_parquet_atomic
+from bulkdet.atomic import TMP_SUFFIX, write_parquet_atomic
+from bulkdet.atomic import _commit as commit_file
+
+log = logging.getLogger("bulkdet")
 
 STAGES = ("read", "decode", "infer", "postprocess", "write")
+FLUSH_ROWS = 1024  # rows held in memory before they become one Parquet row group
+
+
+def metrics_schema(stages=STAGES) -> pa.Schema:
+    fields = [
+        ("run_id", pa.string()),  # the invocation of `bulkdet run` (a resumed run has several)
+        ("batch_id", pa.int64()),
+        ("shard", pa.int32()),
+        ("device", pa.string()),
+        ("input_h", pa.int32()),  # the bucket shape the batch was computed at
+        ("input_w", pa.int32()),
+        ("batch_size", pa.int32()),
+        ("failed", pa.int32()),  # images of the batch that could not be decoded
+        ("encoded_bytes", pa.int64()),  # bytes read from the shards
+        ("original_pixels", pa.int64()),  # sum of width * height of the originals (upright)
+        ("input_pixels", pa.int64()),  # batch_size * input_h * input_w: what the engine computed
+        ("padding_pixels", pa.int64()),  # input_pixels minus the letterboxed image area
+    ]
+    for stage in stages:  # seconds since the invocation started; busy = end - start
+        fields += [(f"{stage}_start", pa.float64()), (f"{stage}_end", pa.float64()), (f"{stage}_s", pa.float64())]
+    for stage in stages:  # batches waiting in the stage's input queue when it took this one
+        fields.append((f"{stage}_queue", pa.int32()))
+    return pa.schema(fields)
 
 
 @dataclass
@@ -25,34 +63,115 @@ class BatchTimes:
 
 
 class MetricsRecorder:
-    def __init__(self, device: str):
+    """Collects one row per batch; `path` given: streams them to that Parquet file.
+
+    `close()` commits the file (fsync, rename); until then the previous metrics.parquet, if
+    any, is untouched, and its rows are carried over into the new file first.
+    """
+
+    def __init__(self, device: str, path: Path | None = None, run_id: str = "", stages=STAGES):
         self.device = device
+        self.run_id = run_id
+        self.stages = tuple(stages)
+        self.schema = metrics_schema(self.stages)
         self.t0 = time.perf_counter()
         self.rows: list[dict] = []
+        self.totals = dict.fromkeys(self.stages, 0.0)
+        self.batches = 0
+        self.path = Path(path) if path is not None else None
+        self._writer = None
+        self._written = 0  # rows in the file so far
+        if self.path is not None:
+            self._tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+            self._carry_over_previous()
 
-    def record(self, batch, times: BatchTimes, failed: int) -> None:
+    def _carry_over_previous(self) -> None:
+        if not self.path.exists():
+            return
+        previous = pq.ParquetFile(self.path)
+        if previous.schema_arrow != self.schema:
+            log.warning("metrics of earlier invocations in %s have another schema; not kept", self.path)
+            return
+        for group in range(previous.num_row_groups):
+            table = previous.read_row_group(group)
+            self._writer.write_table(table)
+            self._written += len(table)
+
+    def record(self, batch, times: BatchTimes, failed: int, encoded_bytes: int = 0) -> None:
         lb = batch.letterbox
         h, w = batch.input_hw
         input_pixels = len(batch) * h * w
         image_pixels = int((lb.new_w.astype("int64") * lb.new_h).sum())
         row = {
-            "batch_id": batch.batch_id, "shard": batch.shard, "input_h": h, "input_w": w,
-            "batch_size": len(batch), "failed": failed,
+            "run_id": self.run_id, "batch_id": batch.batch_id, "shard": batch.shard, "device": self.device,
+            "input_h": h, "input_w": w, "batch_size": len(batch), "failed": failed,
+            "encoded_bytes": encoded_bytes,
             "original_pixels": int((batch.width.astype("int64") * batch.height).sum()),
             "input_pixels": input_pixels, "padding_pixels": input_pixels - image_pixels,
-            "device": self.device,
         }
-        for stage in STAGES:
-            row[f"{stage}_start"] = times.start.get(stage, 0.0) - self.t0
-            row[f"{stage}_end"] = times.end.get(stage, 0.0) - self.t0
-            row[f"{stage}_s"] = times.busy(stage)
-        for stage in STAGES:
-            row[f"{stage}_queue"] = times.queue_depth.get(stage, 0)
+        t0 = self.t0
+        for stage in self.stages:
+            start = times.start.get(stage)
+            end = times.end.get(stage)
+            busy = end - start if start is not None and end is not None else 0.0
+            row[f"{stage}_start"] = start - t0 if start is not None else None
+            row[f"{stage}_end"] = end - t0 if end is not None else None
+            row[f"{stage}_s"] = busy
+            row[f"{stage}_queue"] = times.queue_depth.get(stage)
+            self.totals[stage] += busy
+        self.batches += 1
         self.rows.append(row)
+        if self._writer is not None and len(self.rows) >= FLUSH_ROWS:
+            self._flush()
+
+    def add_rows(self, rows: list[dict]) -> None:
+        """Rows recorded by another process (a Ray worker), already on this recorder's clock."""
+        for row in rows:
+            self.rows.append({**row, "run_id": self.run_id, "batch_id": self.batches})
+            for stage in self.stages:
+                self.totals[stage] += row[f"{stage}_s"]
+            self.batches += 1
+            if self._writer is not None and len(self.rows) >= FLUSH_ROWS:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self._written += len(self.rows)
+            self.rows.clear()
 
     def stage_totals(self) -> dict[str, float]:
-        return {s: sum(r[f"{s}_s"] for r in self.rows) for s in STAGES}
+        return dict(self.totals)
 
-    def write(self, path) -> None:
-        if self.rows:
-            write_parquet_atomic(pa.Table.from_pylist(self.rows), path)
+    def table(self) -> pa.Table:
+        """The rows still held in memory (all of them when there is no file)."""
+        return pa.Table.from_pylist(self.rows, schema=self.schema)
+
+    def write(self, path: Path) -> None:
+        """All rows at once, for a recorder made without a path (streaming ones use close())."""
+        if self._writer is None and self.rows:
+            write_parquet_atomic(self.table(), path)
+
+    def close(self) -> Path | None:
+        """Write what is left and put the file in place; a run with no batch writes nothing new."""
+        if self._writer is None:
+            return None
+        self._flush()
+        self._writer.close()
+        self._writer = None
+        if self._written == 0:
+            self._tmp.unlink()
+            return None
+        return commit_file(self._tmp, self.path)
+
+
+def read_metrics(run_dir: Path) -> pa.Table | None:
+    """metrics.parquet of a run folder, or None when the run recorded no batch."""
+    path = Path(run_dir) / "metrics.parquet"
+    return pq.read_table(path) if path.exists() else None
+
+
+def stages_of(table: pa.Table) -> list[str]:
+    """The stages a metrics table has columns for, in pipeline order."""
+    return [name[: -len("_start")] for name in table.column_names if name.endswith("_start")]

@@ -128,7 +128,7 @@ def ordered_map(pool: ThreadPoolExecutor, fn, items, window: int):
         yield pending.popleft().result()
 
 
-def pack(src: Path, out: Path, shard_size_mb: int = 1024, follow_symlinks: bool = False,
+def pack(src: Path, out: Path, shard_size_mb: float = 1024, follow_symlinks: bool = False,
          max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 8, quiet: bool = False) -> PackSummary:
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -146,7 +146,7 @@ def pack(src: Path, out: Path, shard_size_mb: int = 1024, follow_symlinks: bool 
 
     entries = [e for e in walk(src, follow_symlinks) if e.relpath not in known_paths]
     summary = PackSummary(found=len(known_paths) + len(entries), new=len(entries))
-    writer = ShardWriter(shards_dir, max(shards, default=-1) + 1, shard_size_mb << 20)
+    writer = ShardWriter(shards_dir, max(shards, default=-1) + 1, int(shard_size_mb * (1 << 20)))
     rows = old_rows
     bar = tqdm(total=len(entries), unit="file", desc="pack", disable=quiet, dynamic_ncols=True)
     try:

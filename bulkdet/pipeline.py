@@ -5,9 +5,9 @@ the stages). A stage may have several workers (ONNX Runtime releases the GIL, so
 inference calls use two cores); their results are handed on in the order the items came
 in, so the last stage (the writer) sees batches in plan order.
 
-Memory is bounded: an item is either in a queue (at most `queue_size`, or the number of
-workers of the stage it waits for), being worked on (one per worker), or waiting for an
-earlier item to be handed on (fewer than the stage's workers). See docs/performance.md.
+Memory is bounded: an item is either in a queue (at most `queue_size` per queue), being
+worked on (one per worker), or waiting for an earlier item to be handed on (fewer than the
+stage's workers). See docs/performance.md.
 
 Shutdown: the first exception in any stage, or a stop request (Ctrl-C in the main
 thread), sets `stop`; every thread waits on its queues with a timeout and checks it, so
@@ -58,7 +58,7 @@ class StagePipeline:
     def __init__(self, stages, on_done=None, queue_size: int = QUEUE_SIZE):
         self.stages = [s if isinstance(s, Stage) else Stage(*s) for s in stages]
         self.on_done = on_done
-        self.queues = [queue.Queue(max(queue_size, s.workers)) for s in self.stages]
+        self.queues = [queue.Queue(queue_size) for _ in self.stages]
         self.handoffs = [_Handoff(s.workers) for s in self.stages]
         self.stop = threading.Event()
         self.errors: list[BaseException] = []

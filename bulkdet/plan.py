@@ -74,6 +74,17 @@ def bucket_shapes(new_w: np.ndarray, new_h: np.ndarray, side: int, stride: int) 
             np.minimum(round_up(new_w, stride), side).astype(np.int32))
 
 
+def input_shapes(imgsz: int, stride: int = DEFAULT_STRIDE, fixed_hw: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """Every (input_h, input_w) a plan can use: the buckets (long side imgsz rounded up to the
+    stride, short side any multiple of the stride), or the fixed shape. For engines that size
+    buffers or optimisation profiles ahead of the data."""
+    if fixed_hw:
+        return [tuple(fixed_hw)]
+    side = round_up(int(imgsz), stride)
+    short = range(stride, side + 1, stride)
+    return sorted({(side, s) for s in short} | {(s, side) for s in short})
+
+
 @dataclass(frozen=True)
 class Batch:
     batch_id: int

@@ -8,6 +8,7 @@ committed images part are skipped.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bulkdet.atomic import TMP_SUFFIX, write_parquet_atomic
+from bulkdet.atomic import TMP_SUFFIX, fsync_dir, write_parquet_atomic
 from bulkdet.postprocess import Detections
 
 IMAGES_SCHEMA = pa.schema([
@@ -80,6 +81,24 @@ def read_detections(run_dir: Path, columns: list[str] | None = None) -> pa.Table
     return pa.concat_tables(tables, promote_options="permissive").unify_dictionaries()
 
 
+def resume_shard(run_dir: Path, shard: int) -> set[int]:
+    """Image ids of one shard already committed, after removing that shard's leftovers.
+
+    For redoing a shard whose worker died while other workers go on writing other shards:
+    only this shard's temporary files and uncommitted detections parts are touched.
+    """
+    run_dir = Path(run_dir)
+    pattern = f"part-{_label(shard)}-*.parquet"
+    for tmp in run_dir.glob(f"*/{pattern}{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+    committed = sorted((run_dir / "images").glob(pattern))
+    names = {p.name for p in committed}
+    for p in (run_dir / "detections").glob(pattern):
+        if p.name not in names:
+            p.unlink(missing_ok=True)
+    return {i for p in committed for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist()}
+
+
 class ConfigMismatch(Exception):
     pass
 
@@ -112,14 +131,78 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict, overwrite: bool) -> set[in
 
         write_json_atomic(fingerprint, state)
     # Leftovers of a killed run: temporary files, and detections parts never committed.
-    for tmp in run_dir.glob(f"*/*{TMP_SUFFIX}"):
+    for tmp in [*run_dir.glob(f"*{TMP_SUFFIX}"), *run_dir.glob(f"*/*{TMP_SUFFIX}")]:
         tmp.unlink()
     committed = {p.name for p in images_parts(run_dir)}
     for p in detections_parts(run_dir):
         if p.name not in committed:
             p.unlink()
+    _repair_journal(run_dir, committed)
     done = read_images(run_dir, ["image_id"]).column("image_id")
     return set(done.to_numpy().tolist())
+
+
+def _repair_journal(run_dir: Path, committed: set[str]) -> None:
+    """After a kill: end a torn last line, and record parts committed after the last entry.
+
+    The images part is the commit; the journal line follows it, so a kill in between leaves
+    a committed part without its line.
+    """
+    path = run_dir / "journal.jsonl"
+    text = path.read_bytes().decode("utf-8", "replace") if path.exists() else ""
+    logged = set()
+    for line in text.splitlines():
+        try:
+            logged.add(json.loads(line)["part"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn line: its part, if committed, is recovered below
+    missing = sorted(committed - logged)
+    if not missing and (not text or text.endswith("\n")):
+        return
+    with open(path, "a") as journal:
+        if text and not text.endswith("\n"):
+            journal.write("\n")
+        for name in missing:
+            images = pq.read_metadata(run_dir / "images" / name).num_rows
+            journal.write(json.dumps({"part": name, "images": images, "recovered": True,
+                                      "time": time.time()}) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+
+
+def drop_failed_rows(run_dir: Path, retryable_ids: set[int]) -> set[int]:
+    """For --retry-failed: remove the non-ok rows of these images from their committed parts.
+
+    Each affected images part is rewritten atomically without those rows (a part left with
+    no rows is removed, images part first); the images are then no longer committed and the
+    run processes them again. A kill at any point leaves each image in at most one part.
+    Failed images have no detections, so detections parts stay as they are.
+    """
+    run_dir = Path(run_dir)
+    dropped: set[int] = set()
+    ids = pa.array(sorted(retryable_ids), pa.int64())
+    with open(run_dir / "journal.jsonl", "a") as journal:
+        for part in images_parts(run_dir):
+            table = pq.read_table(part)
+            drop = pc.and_(pc.not_equal(table.column("status"), "ok"), pc.is_in(table.column("image_id"), ids))
+            n = int(pc.sum(drop).as_py() or 0)
+            if not n:
+                continue
+            dropped.update(table.filter(drop).column("image_id").to_pylist())
+            if n == len(table):
+                part.unlink()
+                (run_dir / "detections" / part.name).unlink(missing_ok=True)
+                fsync_dir(part.parent)
+            else:
+                write_parquet_atomic(table.filter(pc.invert(drop)), part, compression="zstd")
+            journal.write(json.dumps({"part": part.name, "retry_dropped": n, "time": time.time()}) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+    return dropped
+
+
+class SinkWriteError(RuntimeError):
+    """Writing a part failed (disk full, I/O error); committed parts are intact."""
 
 
 class RunSink:
@@ -142,6 +225,7 @@ class RunSink:
         self._detections: list[pa.Table] = []
         self.buffered = 0
         self.committed_parts = 0
+        self.broken = False  # a write failed: buffered rows are not retried at close
 
     def add_images(self, shard: int, image_ids, paths, width, height, status, error,
                    detections: list[Detections | None]):
@@ -191,16 +275,21 @@ class RunSink:
         images = pa.concat_tables(self._images)
         dets = (pa.concat_tables(self._detections).unify_dictionaries() if self._detections
                 else DETECTIONS_SCHEMA.empty_table())
-        # Detections first: the images part is the commit marker (see module docstring).
-        write_parquet_atomic(dets.replace_schema_metadata(meta), self.run_dir / "detections" / name,
-                             compression="zstd")
-        write_parquet_atomic(images.replace_schema_metadata(meta), self.run_dir / "images" / name,
-                             compression="zstd")
         failed = int(pc.sum(pc.not_equal(images.column("status"), "ok")).as_py() or 0)
-        self.journal.write(json.dumps({"part": name, "images": len(images), "failed": failed,
-                                       "detections": len(dets), "time": time.time()}) + "\n")
-        self.journal.flush()
-        os.fsync(self.journal.fileno())
+        target = self.run_dir / "detections" / name
+        try:
+            # Detections first: the images part is the commit marker (see module docstring).
+            write_parquet_atomic(dets.replace_schema_metadata(meta), target, compression="zstd")
+            target = self.run_dir / "images" / name
+            write_parquet_atomic(images.replace_schema_metadata(meta), target, compression="zstd")
+            target = self.run_dir / "journal.jsonl"
+            self.journal.write(json.dumps({"part": name, "images": len(images), "failed": failed,
+                                           "detections": len(dets), "time": time.time()}) + "\n")
+            self.journal.flush()
+            os.fsync(self.journal.fileno())
+        except OSError as exc:
+            self.broken = True
+            raise SinkWriteError(_write_error_message(exc, target, self.committed_parts)) from exc
         self.next_seq[label] = seq + 1
         self.committed_parts += 1
         self._images.clear()
@@ -208,5 +297,18 @@ class RunSink:
         self.buffered = 0
 
     def close(self) -> None:
-        self.commit()
-        self.journal.close()
+        try:
+            if not self.broken:
+                self.commit()
+        finally:
+            try:
+                self.journal.close()
+            except OSError:
+                pass  # its lines are fsynced at each commit; a failed flush loses none of them
+
+
+def _write_error_message(exc: OSError, path: Path, committed_parts: int) -> str:
+    disk_full = exc.errno == errno.ENOSPC or "no space left" in str(exc).lower()  # Arrow's OSError has no errno
+    what = "disk full (no space left on device)" if disk_full else (exc.strerror or str(exc))
+    return (f"{what} while writing {path}; the {committed_parts} part(s) committed by this run and all "
+            "earlier ones are intact: fix the cause and run the same command again to resume")

@@ -7,7 +7,7 @@ import onnx
 import pyarrow as pa
 import pytest
 
-from bulkdet.plan import letterbox, plan, plan_batches
+from bulkdet.plan import input_shapes, letterbox, plan, plan_batches
 from bulkdet.sink import read_detections
 from conftest import make_images
 
@@ -82,6 +82,14 @@ def test_batches_respect_budgets_shards_and_cover_every_image_once():
         seen += ids
     assert sorted(seen) == sorted(table.column("image_id").to_pylist())
     assert p.stats["batches_cut_by"]["decode_budget"] > 0 and p.stats["batches_cut_by"]["pixel_budget"] > 0
+
+
+def test_input_shapes_cover_every_bucket():
+    shapes = input_shapes(640, 32)
+    assert len(shapes) == 39 and (640, 640) in shapes and (32, 640) in shapes and (640, 32) in shapes
+    table = random_manifest(300, seed=4)
+    assert {b.input_hw for b in plan(table, 640, 8)} <= set(shapes)
+    assert input_shapes(640, 32, fixed_hw=(480, 640)) == [(480, 640)]
 
 
 def test_decode_budget_splits_big_images():

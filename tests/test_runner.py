@@ -66,8 +66,8 @@ def test_several_workers_hand_on_in_order_and_in_flight_stays_bounded():
     assert run_in_thread(p, items()) is None
     assert [it.i for it in done] == list(range(60))  # plan order, despite 3 workers
     assert all(it.trace == ["a", "slow", "b"] for it in done)
-    # queues (2 + 3 + 2 + 1 for the feeder) + one per worker (1 + 3 + 1) + reorder buffer (< 3)
-    assert max(in_flight) <= 2 + 3 + 2 + 1 + 5 + 2
+    # queues (2 + 2 + 2, + 1 held by the feeder) + one per worker (1 + 3 + 1) + reorder buffer (< 3)
+    assert max(in_flight) <= 2 + 2 + 2 + 1 + 5 + 2
     assert not bulkdet_threads()
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import lmdb
+
+log = logging.getLogger("bulkdet")
 
 SHARD_NAME = "shard-{:05d}.lmdb"
 _SHARD_RE = re.compile(r"shard-(\d{5})\.lmdb$")
@@ -26,13 +29,25 @@ def existing_shards(shards_dir: Path) -> dict[int, Path]:
 
 
 def shard_keys(path: Path) -> set[bytes]:
-    """All keys committed in a shard (a killed pack leaves only committed transactions)."""
-    env = lmdb.open(str(path), subdir=False, readonly=True, lock=False)
+    """All keys committed in a shard (a killed pack leaves only committed transactions).
+
+    A pack killed while creating a shard can leave a file LMDB can't open (e.g. 0 bytes):
+    it holds nothing committed, so it counts as empty (new shards get higher numbers).
+    """
+    try:
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False)
+    except lmdb.Error as exc:
+        log.warning("ignoring shard %s, which holds nothing readable: %s", path, exc)
+        return set()
     try:
         with env.begin() as txn:
             return {bytes(k) for k in txn.cursor().iternext(keys=True, values=False)}
     finally:
         env.close()
+
+
+class ShardWriteError(RuntimeError):
+    pass
 
 
 class ShardWriter:
@@ -81,6 +96,10 @@ class ShardWriter:
             except lmdb.MapFullError:  # the transaction was aborted: grow and replay
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
                 self.map_growths += 1
+            except lmdb.Error as exc:  # e.g. disk full: earlier transactions stay committed
+                raise ShardWriteError(
+                    f"cannot write {shard_path(self.shards_dir, self.shard)}: {exc}; the files stored "
+                    "so far are kept: fix the cause and run the same pack command again") from exc
         self.pending.clear()
         self.bytes_pending = 0
 

@@ -1,0 +1,130 @@
+"""Which device and backend a run uses: `--device auto|cpu|gpu`, `--backend auto|onnxruntime|tensorrt`.
+
+The GPU path needs four things; `probe()` checks each (with `bulkdet info`'s probes):
+an NVIDIA driver that sees a GPU, DALI's CUDA build seeing it (the "mixed" decoder),
+cuda-python (`cuda.bindings`: the streams and device buffers between DALI and the engine), and a
+backend: TensorRT (`tensorrt` module) or ONNX Runtime with its CUDA provider (onnxruntime-gpu).
+`--device gpu` without one of them is an error naming what is missing; `--device auto` then
+runs on the CPU and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bulkdet.engines import ENGINE_SUFFIXES
+from bulkdet.info import GPU_EXTRA
+
+log = logging.getLogger("bulkdet")
+
+DEVICES = ("auto", "cpu", "gpu")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class DeviceError(RuntimeError):
+    """The device/backend asked for cannot run here; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    """What this machine has for the GPU path; `missing` maps a component to why it is unusable."""
+
+    gpus: int = 0
+    gpu_name: str | None = None
+    compute_capability: tuple[int, int] | None = None
+    onnxruntime_cuda: bool = False
+    tensorrt: str | None = None  # version
+    missing: dict = field(default_factory=dict)
+
+    @property
+    def base_ok(self) -> bool:
+        """Driver, DALI CUDA and cuda-python: what every GPU backend needs."""
+        return not {"driver", "dali", "cuda-python"} & set(self.missing)
+
+    def backend_ok(self, backend: str) -> bool:
+        return self.base_ok and (self.tensorrt is not None if backend == "tensorrt" else self.onnxruntime_cuda)
+
+    def problems(self, backend: str | None) -> list[str]:
+        """What is missing for the GPU with `backend` (None: with either backend)."""
+        keys = ["driver", "dali", "cuda-python"]
+        if backend == "tensorrt":
+            keys.append("tensorrt")
+        elif backend == "onnxruntime":
+            keys.append("onnxruntime")
+        elif not (self.tensorrt or self.onnxruntime_cuda):
+            keys += ["tensorrt", "onnxruntime"]
+        return [self.missing[k] for k in keys if k in self.missing]
+
+
+@dataclass(frozen=True)
+class Selection:
+    device: str  # cpu | gpu
+    backend: str  # onnxruntime | tensorrt
+    reason: str  # why, when it was chosen automatically
+    gpu_name: str | None = None
+
+
+def probe() -> GpuStatus:
+    """Every part of the GPU path on this machine, from `bulkdet info`'s probes (NVML for the GPUs,
+    a one-node session for ONNX Runtime's CUDA provider, imports for the rest)."""
+    from bulkdet.info import probe as probe_machine
+
+    found = probe_machine()
+    gpus = found["gpu"]["gpus"]
+    usable = {b["name"]: b for b in found["backends"]}
+    missing = {}
+    if not gpus:
+        missing["driver"] = found["gpu"]["error"] or "no GPU"
+    mixed = usable["dali decode on gpu (mixed)"]
+    if gpus and not mixed["available"]:
+        missing["dali"] = f"DALI cannot decode on the GPU: {mixed['why_not']}"
+    if not found["cuda_python"]["version"]:
+        missing["cuda-python"] = "no cuda-python (cuda.bindings)"
+    ort_cuda = usable["onnxruntime on gpu (CUDAExecutionProvider)"]
+    if not ort_cuda["available"]:
+        missing["onnxruntime"] = f"onnxruntime's CUDA provider: {ort_cuda['why_not']}"
+    trt = found["tensorrt"]
+    if not trt["version"] or trt["error"]:
+        missing["tensorrt"] = f"TensorRT: {trt['error']}"
+    first = gpus[0] if gpus else {}
+    cc = tuple(int(v) for v in first["compute_capability"].split(".")) if first else None
+    return GpuStatus(len(gpus), first.get("name"), cc, ort_cuda["available"], trt["version"] if not trt["error"]
+                     else None, missing)
+
+
+def select(device: str = "auto", backend: str = "auto", model: Path | None = None,
+           status: GpuStatus | None = None) -> Selection:
+    """Resolve auto choices; DeviceError names what is missing for an explicit GPU request."""
+    if device not in DEVICES:
+        raise ValueError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    is_engine = model is not None and Path(model).suffix in ENGINE_SUFFIXES
+    if is_engine and backend == "onnxruntime":
+        raise DeviceError(f"{model} is a TensorRT engine: it runs with --backend tensorrt only")
+    if is_engine:
+        backend = "tensorrt"
+    if device == "cpu":
+        if backend == "tensorrt":
+            raise DeviceError("TensorRT runs on the GPU only: use --device gpu, or --backend onnxruntime on the CPU")
+        return Selection("cpu", "onnxruntime", "asked for the CPU")
+    if status is None:
+        status = probe()
+    wanted = None if backend == "auto" else backend
+    if wanted is None:  # TensorRT when it is there: it is the faster of the two
+        wanted = "tensorrt" if status.backend_ok("tensorrt") else "onnxruntime" if status.backend_ok(
+            "onnxruntime") else None
+    if wanted and status.backend_ok(wanted):
+        why = "asked for the GPU" if device == "gpu" else "a usable GPU was found"
+        return Selection("gpu", wanted, why, status.gpu_name)
+    problems = status.problems(None if backend == "auto" else backend)
+    missing = "; ".join(problems)
+    if GPU_EXTRA not in missing and any(status.missing.get(k) in problems for k in ("cuda-python", "tensorrt")):
+        missing += f" ({GPU_EXTRA} installs them)"
+    if device == "gpu" or backend == "tensorrt":
+        what = "--device gpu" if device == "gpu" else f"--backend tensorrt{' (for an engine file)' * is_engine}"
+        raise DeviceError(f"{what}: no usable GPU path: {missing}")
+    log.info("no usable GPU path (%s): running on the CPU", missing)
+    return Selection("cpu", "onnxruntime", f"no usable GPU path: {missing}")

@@ -1,0 +1,62 @@
+"""Out of memory during inference: halve the batch and retry, instead of failing the run.
+
+An allocation failure depends on the batch size, not on the images: the same images in
+smaller pieces succeed. The size that worked becomes the limit for the rest of the run, so
+a run that hit the memory ceiling once does not pay a failed attempt on every batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger("bulkdet")
+
+# How allocation failures read: ONNX Runtime's arena (CPU and CUDA), CUDA, cuDNN, TensorRT, C++.
+_OOM_MARKERS = ("failed to allocate memory", "out of memory", "bad_alloc", "available memory of",
+                "cudaerrormemoryallocation", "cuda_error_out_of_memory", "cudnn_status_alloc_failed",
+                "outofmemory", "out_of_memory")
+
+
+class OutOfMemory(RuntimeError):
+    """Even one image at a time does not fit: the run can't go on (exit code 1)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _OOM_MARKERS)
+
+
+class HalvingInfer:
+    """Wraps `infer(tensor) -> list of arrays` (batch-major); splits batches that run out of memory."""
+
+    def __init__(self, infer):
+        self.infer = infer
+        self.limit: int | None = None  # largest batch to try; None until memory ran out once
+        self.splits = 0  # batches that had to be split (reported in run.json)
+
+    def __call__(self, tensor) -> list[np.ndarray]:
+        n = len(tensor)
+        size = min(n, self.limit or n)
+        split = False
+        while True:
+            try:
+                pieces = [self.infer(tensor[i:i + size]) for i in range(0, n, size)]
+                break
+            except Exception as exc:  # noqa: BLE001 - re-raised below unless it is an allocation failure
+                if not is_out_of_memory(exc):
+                    raise
+                if size == 1:
+                    raise OutOfMemory(f"out of memory with a batch of one image: {exc}") from exc
+                split = True
+                log.warning("out of memory at batch size %d; retrying in batches of %d", size, (size + 1) // 2)
+                size = (size + 1) // 2
+        if split:
+            self.splits += 1
+            self.limit = size
+        if len(pieces) == 1:
+            return pieces[0]
+        return [np.concatenate(outputs) for outputs in zip(*pieces)]
