@@ -36,16 +36,26 @@ class DecodedBatch:
 def _letterbox_graph(decoder_device: str, out_dtype, hw_decoder_load: float | None = None):
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
     resize_hw = fn.external_source(name="resize_hw", dtype=types.FLOAT, ndim=1)
-    anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
-    shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
+    crop_hw = fn.external_source(name="crop_hw", dtype=types.FLOAT, ndim=1)
+    crop_pos_x = fn.external_source(name="crop_pos_x", dtype=types.FLOAT, ndim=0)
+    crop_pos_y = fn.external_source(name="crop_pos_y", dtype=types.FLOAT, ndim=0)
     # adjust_orientation (default on) applies EXIF orientation: output is upright.
     images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
                                **_mixed_options(decoder_device, hw_decoder_load))
-    images = fn.resize(images, size=resize_hw, antialias=True, interp_type=types.INTERP_LINEAR)
-    # A window starting at (-top, -left): the image lands centred, the rest is gray padding.
-    images = fn.slice(images, anchor, shape, axis_names="HW", out_of_bounds_policy="pad",
-                      fill_values=PAD_VALUE, normalized_anchor=False, normalized_shape=False)
-    return fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", mean=[0.0], std=[255.0])
+    # Plain bilinear, as the reference YOLO predictors resize (cv2 INTER_LINEAR, no antialias):
+    # the model sees what it sees there, and decode costs ~20 % less CPU.
+    images = fn.resize(images, size=resize_hw, antialias=False, interp_type=types.INTERP_LINEAR)
+    # One pass: a crop window larger than the image, placed so that the image lands at
+    # (top, left), pads with gray while normalising to CHW (fill is in output units).
+    return fn.crop_mirror_normalize(images, crop=crop_hw, crop_pos_x=crop_pos_x, crop_pos_y=crop_pos_y,
+                                    out_of_bounds_policy="pad", fill_values=[PAD_VALUE / 255.0],
+                                    dtype=out_dtype, output_layout="CHW", mean=[0.0], std=[255.0])
+
+
+def _crop_pos(offset: int, padding: int) -> np.ndarray:
+    """DALI places a crop window at crop_pos * (image - window); a window `padding` pixels
+    larger than the image, starting `offset` pixels before it, is at offset / padding."""
+    return np.array(offset / padding if padding else 0.0, np.float32)
 
 
 def _mixed_options(decoder_device: str, hw_decoder_load: float | None) -> dict:
@@ -85,8 +95,9 @@ class Decoder:
         h, w = batch.input_hw
         self.pipe.feed_input("encoded", [np.frombuffer(encoded[i], np.uint8) for i in idx])
         self.pipe.feed_input("resize_hw", [np.array([lb.new_h[i], lb.new_w[i]], np.float32) for i in idx])
-        self.pipe.feed_input("anchor", [np.array([-lb.top[i], -lb.left[i]], np.int32) for i in idx])
-        self.pipe.feed_input("shape", [np.array([h, w], np.int32) for _ in idx])
+        self.pipe.feed_input("crop_hw", [np.array([h, w], np.float32) for _ in idx])
+        self.pipe.feed_input("crop_pos_x", [_crop_pos(lb.left[i], w - lb.new_w[i]) for i in idx])
+        self.pipe.feed_input("crop_pos_y", [_crop_pos(lb.top[i], h - lb.new_h[i]) for i in idx])
         (out,) = self.pipe.run()
         return out.as_tensor()
 
