@@ -68,13 +68,15 @@ class ShardWorker:
         worker = {"bulkdet.worker": f"{socket.gethostname()}:{os.getpid()}"}  # in each part's metadata
         sink = RunSink(self.cfg.out, self.processor.model.names, {**metadata, **worker}, self.cfg.commit_images)
         metrics = MetricsRecorder(self.processor.device)  # in memory: the rows go back to the driver
+        fallback_before, splits_before = self.processor.fallback_decoded, self.processor.infer.splits
         try:
             run_stages(self.processor, rows, sink, metrics, self.count)
         finally:
             sink.close()
         return {"shard": shard, "images": len(rows), "bytes": self.count.bytes, "failed": self.count.failed,
                 "pid": os.getpid(), "host": socket.gethostname(), "t0_wall": _wall_time(metrics.t0),
-                "metrics": metrics.rows}
+                "metrics": metrics.rows, "fallback_decoded": self.processor.fallback_decoded - fallback_before,
+                "oom_splits": self.processor.infer.splits - splits_before}
 
 
 def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None = None) -> RunSummary:
@@ -95,7 +97,11 @@ def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None =
     metrics = MetricsRecorder(cfg.device, cfg.out / "metrics.parquet", prepared.run_json["run_id"])
     t0_wall = _wall_time(metrics.t0)
 
+    counts = {"fallback_decoded": 0, "oom_splits": 0}  # summed over the workers' shards
+
     def collect(result: dict) -> None:
+        for key in counts:
+            counts[key] += result[key]
         shift = result["t0_wall"] - t0_wall
         metrics.add_rows([{k: v + shift if k.endswith(("_start", "_end")) and v is not None else v
                            for k, v in row.items()} for row in result["metrics"]])
@@ -107,7 +113,8 @@ def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None =
     finally:
         metrics.close()
     first = workers_info[0] if workers_info else {}
-    return finish_run(cfg, prepared, metrics, device=first.get("device", device),
+    return finish_run(cfg, prepared, metrics, counts["fallback_decoded"], counts["oom_splits"],
+                      device=first.get("device", device),
                       backend=first.get("backend"), provider=first.get("provider"),
                       ray={"address": address, "workers": workers_info, "shards": len(shards),
                            "redone_shards": sorted(redone)})

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 import ray
 
 from conftest import make_images
@@ -45,6 +46,7 @@ def dataset(tmp_path_factory):
     good = (root / "src" / specs[1][0]).read_bytes()
     (root / "src" / "broken.jpg").write_bytes(good[: len(good) // 3])  # decodes to an error
     (root / "src" / "notes.txt").write_text("not an image")  # fails at pack: never stored
+    Image.new("RGB", (80, 60), (90, 90, 90)).save(root / "src" / "plain.gif")  # DALI can't: CPU fallback
     summary = pack(root / "src", root / "ds", shard_size_mb=SHARD_MB, quiet=True)
     assert summary.shards >= 4
     return root / "ds", truth
@@ -78,17 +80,18 @@ def test_ray_run_equals_local_run(ray_cluster, dataset, analytic_model, local_ro
     images, dets = _rows(out)
     assert images == local_rows[0]
     assert dets == local_rows[1]
-    assert len(images) == len({i["image_id"] for i in images}) == 42
+    assert len(images) == len({i["image_id"] for i in images}) == 43
     assert {i["path"]: i["status"] for i in images if i["status"] != "ok"} == {
         "broken.jpg": "decode_error", "notes.txt": "unsupported"}
     assert compare_with_truth(truth, dets) == []
 
     run_json = json.loads((out / "run.json").read_text())
-    assert run_json["state"] == "complete" and run_json["totals"]["images"] == 42
+    assert run_json["state"] == "complete" and run_json["totals"]["images"] == 43
+    assert run_json["totals"]["fallback_decoded"] == 1  # the GIF, counted by the worker that had it
     assert len(run_json["ray"]["workers"]) == 2 and run_json["ray"]["redone_shards"] == []
     report = cli("report", out, "--json")
     summary = json.loads(report.output)
-    assert summary["images"] == 42 and summary["failed"] == 2 and summary["processed"] == 41
+    assert summary["images"] == 43 and summary["failed"] == 2 and summary["processed"] == 42
     assert summary["detections"] == len(dets)
 
 
@@ -129,7 +132,7 @@ def test_killed_worker_redoes_only_its_shard(ray_cluster, dataset, analytic_mode
     images, dets = _rows(out)
     assert images == local_rows[0]  # no row missing, none twice
     assert dets == local_rows[1]
-    assert summary.images == 42
+    assert summary.images == 43
     # The killed shard's parts come from two processes: the redo kept what was committed before.
     writers = {_worker(p) for p in (out / "images").glob(f"part-s{shard:05d}-*.parquet")}
     assert killed["worker"] in writers and len(writers) == 2
@@ -147,7 +150,7 @@ def test_ray_resume_skips_committed_shards(ray_cluster, dataset, analytic_model,
     out = tmp_path / "run"
     first = run(_cfg(dataset[0], analytic_model, out, shards=[0, 1]))
     summary = run_on_ray(_cfg(dataset[0], analytic_model, out), workers=2)
-    assert 0 < first.images < 41 and summary.processed == 41 - first.images
+    assert 0 < first.images < 42 and summary.processed == 42 - first.images
     images, dets = _rows(out)
     assert images == local_rows[0]
     assert dets == local_rows[1]
