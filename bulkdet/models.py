@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-LAYOUTS = ("yolov8", "yolov5", "end2end")
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 

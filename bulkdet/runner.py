@@ -337,8 +337,6 @@ def default_threads(device: str, dali: int | None = None, infer: int | None = No
 
 
 def pa_array(values):
-    import pyarrow as pa
-
     return pa.array(sorted(values), pa.int64())
 
 

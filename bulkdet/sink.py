@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bulkdet.atomic import TMP_SUFFIX, fsync_dir, write_parquet_atomic
+from bulkdet.atomic import TMP_SUFFIX, fsync_dir, write_json_atomic, write_parquet_atomic
 from bulkdet.postprocess import Detections
 
 IMAGES_SCHEMA = pa.schema([
@@ -127,8 +127,6 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict, overwrite: bool) -> set[in
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
     (run_dir / "detections").mkdir(parents=True, exist_ok=True)
     if not state.exists():
-        from bulkdet.atomic import write_json_atomic
-
         write_json_atomic(fingerprint, state)
     # Leftovers of a killed run: temporary files, and detections parts never committed.
     for tmp in [*run_dir.glob(f"*{TMP_SUFFIX}"), *run_dir.glob(f"*/*{TMP_SUFFIX}")]:
