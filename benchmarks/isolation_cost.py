@@ -13,9 +13,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from bulkdet.decode import Decoder
+from bulkdet.run.decode import Decoder
 from bulkdet.demo import draw_upright, random_rects
-from bulkdet.plan import Batch, letterbox
+from bulkdet.run.plan import Batch, letterbox
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-import bulkdet.runner
+import bulkdet.run.runner
 from bulkdet.demo import build_analytic_detector, random_rects, write_image
-from bulkdet.metrics import STAGES, BatchTimes, MetricsRecorder
-from bulkdet.pack import pack
-from bulkdet.plan import Batch, letterbox
+from bulkdet.run.metrics import STAGES, BatchTimes, MetricsRecorder
+from bulkdet.ingest.pack import pack
+from bulkdet.run.plan import Batch, letterbox
 
 
 class TimedRecorder(MetricsRecorder):
@@ -74,8 +74,8 @@ def real_run(tmp: Path, images: int, batch: int) -> dict:
         write_image(tmp / "src" / f"{i:05d}.jpg", w, h, random_rects(w, h, 2, rng), fmt="jpeg", seed=i)
     pack(tmp / "src", tmp / "ds", quiet=True)
     model = build_analytic_detector(tmp / "analytic.onnx")
-    bulkdet.runner.MetricsRecorder = TimedRecorder  # the runner builds its recorder from this name
-    summary = bulkdet.runner.run(bulkdet.runner.RunConfig(tmp / "ds", model, tmp / "run", imgsz=160,
+    bulkdet.run.runner.MetricsRecorder = TimedRecorder  # the runner builds its recorder from this name
+    summary = bulkdet.run.runner.run(bulkdet.run.runner.RunConfig(tmp / "ds", model, tmp / "run", imgsz=160,
                                                           max_batch=batch, quiet=True))
     batches = TimedRecorder.calls
     spent = TimedRecorder.record_s + TimedRecorder.close_s

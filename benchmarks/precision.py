@@ -4,12 +4,12 @@ Everything runs in one process on the same data, so the figures are ratios again
 measured together (the machine may be shared: read the ratios, not the absolute numbers):
 
 1. a photo-like JPEG set (benchmarks.dataset) packed with `bulkdet pack`;
-2. the FP16 and INT8 models made by `bulkdet.prepare` (INT8 calibrated on the set's images
+2. the FP16 and INT8 models made by `bulkdet.model.precision` (INT8 calibrated on the set's images
    through bulkdet's own DALI preprocessing);
 3. model-only throughput: the same letterboxed batches (decoded once) through an ONNX Runtime
    session per precision, warm-up first, best of `--reps` timed passes;
-4. drift: `bulkdet.precision_check` over `--drift-images` images (FP32 as the reference);
-5. NMS in the model (bulkdet.graph_nms) vs on the host: model time, host post-processing time.
+4. drift: `bulkdet.run.precision_check` over `--drift-images` images (FP32 as the reference);
+5. NMS in the model (bulkdet.model.graph_nms) vs on the host: model time, host post-processing time.
 
     python -m benchmarks.precision [--device cpu|gpu] [--out FILE.json]
 
@@ -32,14 +32,14 @@ import pyarrow.compute as pc
 
 from benchmarks.dataset import make_jpeg_mix
 from benchmarks.yolov8n import ensure_model
-from bulkdet.decode import Decoder
+from bulkdet.run.decode import Decoder
 from bulkdet.engines import create_engine
-from bulkdet.models import file_sha256, load_model_info
-from bulkdet.pack import pack
-from bulkdet.plan import plan_batches
-from bulkdet.precision_check import Detector, check_precision, first_images
-from bulkdet.postprocess import postprocess
-from bulkdet.prepare import Calibration, PreparedModel, prepare_model, with_nms
+from bulkdet.model.info import file_sha256, load_model_info
+from bulkdet.ingest.pack import pack
+from bulkdet.run.plan import plan_batches
+from bulkdet.run.precision_check import Detector, check_precision, first_images
+from bulkdet.run.postprocess import postprocess
+from bulkdet.model.precision import Calibration, PreparedModel, prepare_model, with_nms
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader
 

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from bulkdet.demo import build_analytic_detector, make_demo_images
-from bulkdet.pack import pack
-from bulkdet.report import summarize
-from bulkdet.runner import RunConfig, run
+from bulkdet.ingest.pack import pack
+from bulkdet.results.report import summarize
+from bulkdet.run.runner import RunConfig, run
 
 DATA = Path(__file__).resolve().parent / "data" / "ray-scaling"
 
@@ -59,7 +59,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from bulkdet.distributed import run_on_ray
+    from bulkdet.run.distributed import run_on_ray
 
     dataset, model = prepare(args.images, args.shard_size_mb)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -37,8 +37,8 @@ import numpy as np
 from benchmarks.dataset import make_jpeg_mix, make_small_images
 from benchmarks.yolov8n import ensure_model
 from bulkdet.demo import build_analytic_detector
-from bulkdet.plan import DEFAULT_DECODE_BUDGET, default_pixel_budget, plan
-from bulkdet.runner import default_threads, environment, usable_cores
+from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, default_pixel_budget, plan
+from bulkdet.run.runner import default_threads, environment, usable_cores
 from bulkdet.store.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def model_only(model: Path, the_plan, threads: int, workers: int) -> dict:
 
 def decode_only(dataset: Path, the_plan, threads: int) -> dict:
     """(c): DALI decode + letterbox of the planned batches, encoded bytes already in memory."""
-    from bulkdet.decode import Decoder
+    from bulkdet.run.decode import Decoder
     from bulkdet.store.shards import ShardReader
 
     reader = ShardReader(dataset / "shards")
@@ -139,7 +139,7 @@ def decode_only(dataset: Path, the_plan, threads: int) -> dict:
 
 def bulkdet_run(dataset: Path, model: Path, out: Path, work: Path, *extra: str) -> dict:
     """(d): `bulkdet run` in its own process; what its run.json and metrics say."""
-    from bulkdet.report import summarize
+    from bulkdet.results.report import summarize
 
     m = measure_process([sys.executable, "-m", "bulkdet", "run", str(dataset), "--model", str(model),
                          "--out", str(out), "--overwrite", "-q", *extra], work / f"{out.name}.log")
@@ -355,7 +355,7 @@ def main(argv=None) -> dict:
     images = jpeg_folder(make_jpeg_mix(mix / "generated", n), mix / "images")
     r["pack"] = pack(images, mix / "dataset", work)
 
-    from bulkdet.models import load_model_info
+    from bulkdet.model.info import load_model_info
 
     info = load_model_info(model)
     good = read_manifest(mix / "dataset")

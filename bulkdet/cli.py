@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from bulkdet.imageinfo import DEFAULT_MAX_PIXELS
+from bulkdet.ingest.imageinfo import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Offline bulk object detection: pack images into shards, run a detector, report.")
@@ -31,7 +31,7 @@ def pack(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
     """Store every image under SRC_DIR, bytes unchanged, in LMDB shards plus a manifest."""
-    from bulkdet.pack import pack as do_pack
+    from bulkdet.ingest.pack import pack as do_pack
 
     _setup_logging(quiet)
     try:
@@ -84,8 +84,8 @@ def run(
                                       "detections leave the engine."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
-    from bulkdet.runner import RunConfig, run as do_run
-    from bulkdet.sink import ConfigMismatch
+    from bulkdet.run.runner import RunConfig, run as do_run
+    from bulkdet.store.parts import ConfigMismatch
 
     _setup_logging(quiet)
     for name, value, allowed in (("device", device, ("auto", "cpu", "gpu")),
@@ -103,7 +103,7 @@ def run(
         raise typer.BadParameter("needs --ray", param_hint="--ray-address/--workers")
     try:
         if use_ray:
-            from bulkdet.distributed import run_on_ray
+            from bulkdet.run.distributed import run_on_ray
 
             s = run_on_ray(cfg, ray_address, workers)
         else:
@@ -143,7 +143,7 @@ def prepare(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Make the FP16 or INT8 (Q/DQ, calibrated) ONNX of MODEL; cached, reused by `run --precision`."""
-    from bulkdet.prepare import Calibration, export_prepared, prepare_model
+    from bulkdet.model.precision import Calibration, export_prepared, prepare_model
 
     _setup_logging(quiet)
     if precision not in ("fp16", "int8"):
@@ -171,7 +171,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or the comparison) as JSON."),
 ):
     """Summarise a run: throughput, where the time went, padding, failures, detections per class."""
-    from bulkdet.report import compare, print_compare, print_report, summarize
+    from bulkdet.results.report import compare, print_compare, print_report, summarize
 
     if len(run_dirs) > 2:
         raise typer.BadParameter("give one run folder, or two to compare", param_hint="RUN_DIR")
@@ -186,7 +186,7 @@ def report(
         else:
             print_compare(*run_dirs)
         if html is not None:
-            from bulkdet.html_report import write_html
+            from bulkdet.results.html_report import write_html
 
             typer.echo(f"HTML report: {write_html(run_dirs[0], html)}", err=as_json)
     except FileNotFoundError as exc:
@@ -197,7 +197,7 @@ def report(
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
     """What this machine can do: DALI, GPUs, ONNX Runtime providers, TensorRT, and why not."""
-    from bulkdet.info import print_info, probe
+    from bulkdet.system.info import print_info, probe
 
     if as_json:
         typer.echo(json.dumps(probe(), indent=2, default=str))
@@ -209,10 +209,10 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
 def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's data and results.")):
     """Generate synthetic images and an analytic detector, then pack, run and report."""
     from bulkdet.demo import build_analytic_detector, compare_with_truth, make_demo_images
-    from bulkdet.pack import pack as do_pack
-    from bulkdet.report import print_report
-    from bulkdet.runner import RunConfig, run as do_run
-    from bulkdet.sink import read_detections
+    from bulkdet.ingest.pack import pack as do_pack
+    from bulkdet.results.report import print_report
+    from bulkdet.run.runner import RunConfig, run as do_run
+    from bulkdet.store.parts import read_detections
 
     _setup_logging(False)
     truth = make_demo_images(out / "images", n=48, truth_path=out / "truth.json")

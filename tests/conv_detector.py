@@ -56,7 +56,7 @@ def packed_dataset(root: Path, specs) -> tuple[Path, list[dict]]:
     """Images from `specs` (see conftest.make_images) packed into root/ds; (dataset, truth)."""
     from conftest import make_images
 
-    from bulkdet.pack import pack
+    from bulkdet.ingest.pack import pack
 
     truth = make_images(root / "src", specs)
     pack(root / "src", root / "ds", quiet=True)

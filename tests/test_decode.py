@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bulkdet.decode import PAD_VALUE, Decoder
-from bulkdet.plan import Batch, letterbox
+from bulkdet.run.decode import PAD_VALUE, Decoder
+from bulkdet.run.plan import Batch, letterbox
 
 
 def png(w, h, color):

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from conftest import make_images
 
-from bulkdet.devices import DeviceError, GpuStatus, probe, select
+from bulkdet.system.devices import DeviceError, GpuStatus, probe, select
 from bulkdet.engines import create_engine
 
 GPU_OK = GpuStatus(gpus=1, gpu_name="NVIDIA H100", compute_capability=(9, 0), onnxruntime_cuda=True,

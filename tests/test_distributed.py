@@ -18,9 +18,9 @@ import ray
 from conftest import make_images
 
 from bulkdet.demo import compare_with_truth
-from bulkdet.pack import pack
-from bulkdet.runner import RunConfig, run
-from bulkdet.sink import read_detections, read_images
+from bulkdet.ingest.pack import pack
+from bulkdet.run.runner import RunConfig, run
+from bulkdet.store.parts import read_detections, read_images
 
 
 SHARD_MB = 0.12  # about 8 images per shard: 5 shards from 40 images
@@ -113,7 +113,7 @@ def test_killed_worker_redoes_only_its_shard(ray_cluster, dataset, analytic_mode
                 return
             time.sleep(0.005)
 
-    from bulkdet.distributed import run_on_ray
+    from bulkdet.run.distributed import run_on_ray
 
     killer = threading.Thread(target=kill_after_first_commit)
     killer.start()
@@ -145,7 +145,7 @@ def _worker(part) -> str:
 
 def test_ray_resume_skips_committed_shards(ray_cluster, dataset, analytic_model, local_rows, tmp_path):
     """A run that did some shards locally is finished on Ray: only the rest is processed."""
-    from bulkdet.distributed import run_on_ray
+    from bulkdet.run.distributed import run_on_ray
 
     out = tmp_path / "run"
     first = run(_cfg(dataset[0], analytic_model, out, shards=[0, 1]))
@@ -160,8 +160,8 @@ def test_ray_resume_skips_committed_shards(ray_cluster, dataset, analytic_model,
 
 def test_resume_shard_removes_only_that_shards_leftovers(tmp_path):
     """What a worker killed between writing a detections part and its images part leaves behind."""
-    from bulkdet.postprocess import Detections
-    from bulkdet.sink import RunSink, resume_shard
+    from bulkdet.run.postprocess import Detections
+    from bulkdet.store.parts import RunSink, resume_shard
 
     (tmp_path / "images").mkdir()
     (tmp_path / "detections").mkdir()

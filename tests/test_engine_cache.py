@@ -47,7 +47,7 @@ def test_engine_cache_key_changes_with_everything_that_makes_an_engine_incompati
 
 def test_staged_batches_split_into_views_for_the_out_of_memory_retry():
     from bulkdet.engines.base import InputSlot, ring_elements
-    from bulkdet.oom import HalvingInfer
+    from bulkdet.run.oom import HalvingInfer
 
     slot = InputSlot(index=2, ptr=1_000_000, shape=(5, 3, 4, 8), dtype=np.dtype(np.float16))
     seen = []

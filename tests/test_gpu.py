@@ -12,8 +12,8 @@ import pytest
 from conv_detector import build_conv_detector, packed_dataset
 
 from bulkdet.demo import compare_with_truth
-from bulkdet.devices import probe
-from bulkdet.sink import read_detections
+from bulkdet.system.devices import probe
+from bulkdet.store.parts import read_detections
 
 pytestmark = pytest.mark.gpu
 
@@ -70,9 +70,9 @@ def test_reduced_precision_on_gpu_does_not_drift(cli, gpu_dataset, tmp_path, pre
 
 def test_input_ring_round_trip_and_hand_off_from_dali(gpu_dataset):
     _needs("onnxruntime")
-    from bulkdet.decode import Decoder
+    from bulkdet.run.decode import Decoder
     from bulkdet.engines.cuda import InputRing, Stream
-    from bulkdet.plan import plan_batches
+    from bulkdet.run.plan import plan_batches
     from bulkdet.store.manifest import read_manifest
     from bulkdet.store.shards import ShardReader
 

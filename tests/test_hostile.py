@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bulkdet.decode import Decoder, pillow_letterbox
+from bulkdet.run.decode import Decoder, pillow_letterbox
 from bulkdet.demo import compare_with_truth, draw_upright, random_rects, write_image
-from bulkdet.imageinfo import sniff
-from bulkdet.plan import Batch, letterbox
-from bulkdet.sink import read_detections, read_images
+from bulkdet.ingest.imageinfo import sniff
+from bulkdet.run.plan import Batch, letterbox
+from bulkdet.store.parts import read_detections, read_images
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import shard_keys, shard_path
 from conftest import ROOT, make_images
@@ -138,7 +138,7 @@ def test_decompression_bomb_is_never_decoded(tmp_path):
     assert bomb.stat().st_size < 100_000
     # The peak memory of a fresh process (VmHWM starts at exec; a child's ru_maxrss would
     # include the forked test process).
-    code = ("import sys; from bulkdet.pack import pack; pack(sys.argv[1], sys.argv[2], quiet=True); "
+    code = ("import sys; from bulkdet.ingest.pack import pack; pack(sys.argv[1], sys.argv[2], quiet=True); "
             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     r = subprocess.run([sys.executable, "-c", code, tmp_path / "src", tmp_path / "ds"], capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

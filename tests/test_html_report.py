@@ -24,8 +24,8 @@ from PIL import Image
 
 from bulkdet.demo import write_image
 from bulkdet.demo import Rect
-from bulkdet.html_report import PALETTE, draw_sample, write_html
-from bulkdet.sink import read_images
+from bulkdet.results.html_report import PALETTE, draw_sample, write_html
+from bulkdet.store.parts import read_images
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -51,8 +51,8 @@ window.addEventListener('load', () => {
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, analytic_model):
-    from bulkdet.pack import pack
-    from bulkdet.runner import RunConfig, run
+    from bulkdet.ingest.pack import pack
+    from bulkdet.run.runner import RunConfig, run
 
     root = tmp_path_factory.mktemp("html")
     specs = [(f"img_{i:02d}.{'jpg' if i % 2 else 'png'}", 120 + 53 * i, 90 + 37 * (i % 4),

@@ -3,7 +3,7 @@ import io
 import pytest
 from PIL import Image
 
-from bulkdet.imageinfo import ImageError, sniff
+from bulkdet.ingest.imageinfo import ImageError, sniff
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

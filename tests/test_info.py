@@ -9,7 +9,7 @@ import nvidia.dali
 import onnxruntime as ort
 import pytest
 
-from bulkdet.info import probe
+from bulkdet.system.info import probe
 
 HAS_GPU_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None

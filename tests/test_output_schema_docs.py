@@ -17,8 +17,8 @@ BLOCKS = re.findall(r"```(sql|python)\n(.*?)```", DOC.read_text(), re.S)
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory, analytic_model):
     """A folder holding `run/`, as the examples expect."""
-    from bulkdet.pack import pack
-    from bulkdet.runner import RunConfig, run
+    from bulkdet.ingest.pack import pack
+    from bulkdet.run.runner import RunConfig, run
 
     root = tmp_path_factory.mktemp("docs")
     make_images(root / "src", [(f"img_{i}.jpg", 200 + 40 * i, 150, "jpeg", 1) for i in range(5)])

@@ -3,7 +3,7 @@ import os
 import lmdb
 import pyarrow.parquet as pq
 
-from bulkdet.pack import pack
+from bulkdet.ingest.pack import pack
 from bulkdet.store.shards import existing_shards, shard_path
 from conftest import make_images
 

@@ -15,7 +15,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
-from bulkdet.pack import pack
+from bulkdet.ingest.pack import pack
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader, ShardWriter, existing_shards, shard_keys
 from conftest import ROOT

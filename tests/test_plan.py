@@ -7,8 +7,8 @@ import onnx
 import pyarrow as pa
 import pytest
 
-from bulkdet.plan import input_shapes, letterbox, plan, plan_batches
-from bulkdet.sink import read_detections
+from bulkdet.run.plan import input_shapes, letterbox, plan, plan_batches
+from bulkdet.store.parts import read_detections
 from conftest import make_images
 
 

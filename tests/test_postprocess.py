@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from bulkdet.models import detect_layout, parse_names
-from bulkdet.plan import Batch, letterbox
-from bulkdet.postprocess import nms, postprocess
+from bulkdet.model.info import detect_layout, parse_names
+from bulkdet.run.plan import Batch, letterbox
+from bulkdet.run.postprocess import nms, postprocess
 
 
 def batch_of(sizes, input_hw=(640, 640)):

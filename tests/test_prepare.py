@@ -11,13 +11,13 @@ from conv_detector import build_conv_detector, packed_dataset
 from onnx import TensorProto, helper
 
 from bulkdet.demo import compare_with_truth
-from bulkdet.models import load_model_info
-from bulkdet.plan import plan_batches
-from bulkdet.postprocess import Detections
-from bulkdet.precision_check import DriftReport, check_precision, first_images, match
-from bulkdet.prepare import (META_PRECISION, Calibration, cache_key, calibration_sample, float_tail_nodes,
+from bulkdet.model.info import load_model_info
+from bulkdet.run.plan import plan_batches
+from bulkdet.run.postprocess import Detections
+from bulkdet.run.precision_check import DriftReport, check_precision, first_images, match
+from bulkdet.model.precision import (META_PRECISION, Calibration, cache_key, calibration_sample, float_tail_nodes,
                              model_precision, prepare_model)
-from bulkdet.sink import read_detections
+from bulkdet.store.parts import read_detections
 from bulkdet.store.manifest import read_manifest
 
 SPECS = [(f"img{i}.jpg", 160 + 24 * i, 120 + 10 * (i % 4), "jpeg", (1, 6)[i % 2]) for i in range(8)]
@@ -170,9 +170,9 @@ def test_run_with_precision_checks_drift_and_finds_the_truth(cli, conv_model, da
 
 
 def test_check_precision_reports_boxes_that_drift(conv_model, dataset, tmp_path):
-    from bulkdet.decode import Decoder
+    from bulkdet.run.decode import Decoder
     from bulkdet.engines import create_engine
-    from bulkdet.precision_check import Detector
+    from bulkdet.run.precision_check import Detector
     from bulkdet.store.shards import ShardReader
 
     ds, _ = dataset
@@ -228,9 +228,9 @@ def _raw_predictions_model(path, nc=4, n=300):
 
 @pytest.mark.parametrize("max_det", [300, 7])
 def test_nms_in_the_graph_selects_what_the_host_selects(tmp_path, max_det):
-    from bulkdet.graph_nms import add_nms
-    from bulkdet.plan import Batch, letterbox
-    from bulkdet.postprocess import postprocess
+    from bulkdet.model.graph_nms import add_nms
+    from bulkdet.run.plan import Batch, letterbox
+    from bulkdet.run.postprocess import postprocess
 
     nc, n, size = 4, 300, 200
     rng = np.random.default_rng(1)

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_images
 
-from bulkdet.metrics import STAGES, metrics_schema
-from bulkdet.plan import default_pixel_budget, letterbox, plan
-from bulkdet.progress import Progress
-from bulkdet.report import summarize, timing_summary
-from bulkdet.sink import read_detections, read_images
+from bulkdet.run.metrics import STAGES, metrics_schema
+from bulkdet.run.plan import default_pixel_budget, letterbox, plan
+from bulkdet.run.progress import Progress
+from bulkdet.results.report import summarize, timing_summary
+from bulkdet.store.parts import read_detections, read_images
 from bulkdet.store.manifest import read_manifest
 
 SPECS = [(f"f{i % 2}/img_{i:02d}.{'jpg' if i % 2 else 'png'}", 60 + 41 * i, 50 + 29 * (i % 5),
@@ -27,8 +27,8 @@ SPECS = [(f"f{i % 2}/img_{i:02d}.{'jpg' if i % 2 else 'png'}", 60 + 41 * i, 50 +
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, analytic_model):
     """A dataset with 11 good and 2 bad files, run twice with different batch sizes."""
-    from bulkdet.pack import pack
-    from bulkdet.runner import RunConfig, run
+    from bulkdet.ingest.pack import pack
+    from bulkdet.run.runner import RunConfig, run
 
     root = tmp_path_factory.mktemp("report")
     make_images(root / "src", SPECS)
@@ -153,8 +153,8 @@ def test_invocations_of_a_resumed_run_are_laid_end_to_end():
 
 
 def test_resume_keeps_the_metrics_of_the_first_invocation(tmp_path, analytic_model):
-    from bulkdet.pack import pack
-    from bulkdet.runner import RunConfig, run
+    from bulkdet.ingest.pack import pack
+    from bulkdet.run.runner import RunConfig, run
 
     make_images(tmp_path / "src", SPECS[:3])
     pack(tmp_path / "src", tmp_path / "ds", quiet=True)
@@ -237,8 +237,8 @@ def test_run_logs_device_and_progress_and_quiet_silences_it(runs, analytic_model
 
 
 def test_recorder_without_a_file_writes_all_rows_at_once(tmp_path):
-    from bulkdet.metrics import BatchTimes, MetricsRecorder
-    from bulkdet.plan import Batch
+    from bulkdet.run.metrics import BatchTimes, MetricsRecorder
+    from bulkdet.run.plan import Batch
 
     w, h = np.array([640, 100], np.int32), np.array([480, 400], np.int32)
     batch = Batch(7, 0, np.array([1, 2]), ["a", "b"], [b"", b""], w, h, (320, 320), letterbox(w, h, 320, 320))

@@ -17,11 +17,11 @@ import onnxruntime as ort
 import pyarrow as pa
 import pytest
 
-import bulkdet.sink
-from bulkdet.atomic import TMP_SUFFIX, write_parquet_atomic
+import bulkdet.store.parts
+from bulkdet.store.atomic import TMP_SUFFIX, write_parquet_atomic
 from bulkdet.engines.onnxruntime import OnnxRuntimeEngine
-from bulkdet.oom import HalvingInfer, OutOfMemory, is_out_of_memory
-from bulkdet.sink import images_parts, read_detections, read_images
+from bulkdet.run.oom import HalvingInfer, OutOfMemory, is_out_of_memory
+from bulkdet.store.parts import images_parts, read_detections, read_images
 from conftest import make_images
 
 ARENA_CAP = 1 << 20  # 1 MiB: one 64x64 image fits through the analytic model, 16 do not
@@ -97,7 +97,7 @@ def test_out_of_memory_in_a_run_halves_the_batch_and_loses_nothing(small_dataset
     args = ("--imgsz", 64, "--max-batch", 16, "-q")
     r = cli("run", small_dataset, "--model", analytic_model, "--out", tmp_path / "plain", *args)
     assert r.exit_code == 3, r.output
-    monkeypatch.setattr("bulkdet.runner.create_engine", lambda *a, **k: capped_engine(analytic_model))
+    monkeypatch.setattr("bulkdet.run.runner.create_engine", lambda *a, **k: capped_engine(analytic_model))
     r = cli("run", small_dataset, "--model", analytic_model, "--out", tmp_path / "capped", *args)
     assert r.exit_code == 3, r.output
     assert "batch(es) split after running out of memory" in r.output
@@ -117,7 +117,7 @@ def test_atomic_write_on_a_full_disk_leaves_nothing_behind(tmp_path):
 
 def _disk_full_at(monkeypatch, call: int) -> None:
     """The `call`-th part write of the run goes to a full device (a real ENOSPC)."""
-    real = bulkdet.sink.write_parquet_atomic
+    real = bulkdet.store.parts.write_parquet_atomic
     calls = []
 
     def write(table, path, **kwargs):
@@ -126,7 +126,7 @@ def _disk_full_at(monkeypatch, call: int) -> None:
             os.symlink("/dev/full", path.with_name(path.name + TMP_SUFFIX))
         return real(table, path, **kwargs)
 
-    monkeypatch.setattr(bulkdet.sink, "write_parquet_atomic", write)
+    monkeypatch.setattr(bulkdet.store.parts, "write_parquet_atomic", write)
 
 
 @pytest.mark.parametrize("failing_write", [5, 6])  # a detections part; an images part (the commit)

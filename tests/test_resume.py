@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from bulkdet.demo import draw_upright, random_rects
-from bulkdet.pack import pack
-from bulkdet.runner import RunConfig, run
-from bulkdet.sink import prepare_run_dir, read_detections, read_images
+from bulkdet.ingest.pack import pack
+from bulkdet.run.runner import RunConfig, run
+from bulkdet.store.parts import prepare_run_dir, read_detections, read_images
 from conftest import ROOT, make_images
 
 # Small and fast: tiny images and input, and a commit every 2 images, so a run makes many
@@ -185,7 +185,7 @@ def test_retry_failed_reprocesses_only_failed_images(dataset, baseline, analytic
         raise OSError("CPU decoder unavailable")
 
     # First run without a working CPU fallback: the GIF fails too.
-    monkeypatch.setattr("bulkdet.decode.pillow_letterbox", no_cpu_decoder)
+    monkeypatch.setattr("bulkdet.run.decode.pillow_letterbox", no_cpu_decoder)
     r = cli("run", dataset, "--model", analytic_model, "--out", out, *RUN_ARGS)
     assert r.exit_code == 3
     status = {row["path"]: row["status"] for row in read_images(out).to_pylist()}

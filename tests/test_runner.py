@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import bulkdet.runner as runner
-from bulkdet.pipeline import Stage, StagePipeline
-from bulkdet.runner import RunConfig, default_threads
-from bulkdet.sink import images_parts, read_detections, read_images
+import bulkdet.run.runner as runner
+from bulkdet.run.pipeline import Stage, StagePipeline
+from bulkdet.run.runner import RunConfig, default_threads
+from bulkdet.store.parts import images_parts, read_detections, read_images
 from conftest import ROOT, make_images
 
 
@@ -167,7 +167,7 @@ def test_stage_exception_keeps_committed_output_valid_and_resumable(tmp_path, da
 # bulkdet's CLI with a slow postprocess that says when it has done 3 batches.
 SLOW_RUN = """
 import os, pathlib, sys, time
-import bulkdet.runner as r
+import bulkdet.run.runner as r
 real, calls = r.postprocess, [0]
 def slow(*a, **k):
     time.sleep(0.15)

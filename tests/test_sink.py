@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bulkdet.postprocess import Detections
-from bulkdet.sink import ConfigMismatch, RunSink, prepare_run_dir, read_detections, read_images
+from bulkdet.run.postprocess import Detections
+from bulkdet.store.parts import ConfigMismatch, RunSink, prepare_run_dir, read_detections, read_images
 
 
 def dets(n, cls=0):

@@ -13,7 +13,7 @@ def model_info(path, names_file=None):
         from bulkdet.engines.tensorrt import engine_model_info
 
         return engine_model_info(path, names_file)
-    from bulkdet.models import load_model_info
+    from bulkdet.model.info import load_model_info
 
     return load_model_info(path, names_file)
 

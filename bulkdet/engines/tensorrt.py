@@ -2,7 +2,7 @@
 
 Kept thin on purpose: the input buffers, streams and the decoder hand-off are the shared CUDA
 plumbing (engines/cuda.py) that the ONNX Runtime CUDA backend also uses; precision comes from
-the prepared ONNX (bulkdet/prepare.py), never from builder flags (TensorRT 11 removed them).
+the prepared ONNX (bulkdet/model/precision.py), never from builder flags (TensorRT 11 removed them).
 
 * Optimisation profiles come from the planner's batch shapes (`optimization_profiles`): one
   profile per input shape when there are few (each gets its own execution context), else one
@@ -204,8 +204,8 @@ class TensorRTEngine:
         self.ring = cuda.InputRing(ring_slots, int(np.prod(largest)), self.input_dtype, device_id)
 
     def _cached_or_built(self, trt, runtime, onnx_path, shapes, cache_dir, gpu_name, cc, onnx_sha256):
-        from bulkdet.models import file_sha256, load_model_info
-        from bulkdet.prepare import cache_dir as default_cache_dir
+        from bulkdet.model.info import file_sha256, load_model_info
+        from bulkdet.model.precision import cache_dir as default_cache_dir
 
         info = load_model_info(onnx_path)
         profiles = optimization_profiles(shapes or [], (info.batch, info.height, info.width))
@@ -286,7 +286,7 @@ class TensorRTEngine:
 
 def engine_model_info(path: Path, names_file: Path | None = None):
     """ModelInfo for a serialized engine: I/O from the engine, names from --names or the engine's sidecar."""
-    from bulkdet.models import ModelInfo, file_sha256, parse_names
+    from bulkdet.model.info import ModelInfo, file_sha256, parse_names
 
     trt = _trt()
     path = Path(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bulkdet.atomic import write_parquet_atomic
+from bulkdet.store.atomic import write_parquet_atomic
 
 MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.int64()),

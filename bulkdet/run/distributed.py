@@ -26,13 +26,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bulkdet.devices import select as select_device
-from bulkdet.metrics import MetricsRecorder
-from bulkdet.models import ModelInfo
-from bulkdet.progress import Progress
-from bulkdet.runner import (RunConfig, RunSummary, ShardProcessor, add_unstored, finish_run, pa_array,
+from bulkdet.system.devices import select as select_device
+from bulkdet.run.metrics import MetricsRecorder
+from bulkdet.model.info import ModelInfo
+from bulkdet.run.progress import Progress
+from bulkdet.run.runner import (RunConfig, RunSummary, ShardProcessor, add_unstored, finish_run, pa_array,
                             prepare_run, run_stages)
-from bulkdet.sink import RunSink, resume_shard
+from bulkdet.store.parts import RunSink, resume_shard
 
 log = logging.getLogger("bulkdet")
 MAX_RESTARTS = 3  # per worker; each restart retries the shard the worker was on

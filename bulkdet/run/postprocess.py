@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bulkdet.models import detect_layout
-from bulkdet.plan import Batch
+from bulkdet.model.info import detect_layout
+from bulkdet.run.plan import Batch
 
 MAX_NMS_CANDIDATES = 30_000  # cap before NMS, as the reference YOLO predictors do
 _CLASS_OFFSET = 1e5  # shifts boxes per class so one NMS pass never mixes classes

@@ -49,7 +49,7 @@ def add_nms(source: Path, out: Path, conf: float, iou: float, max_det: int) -> N
 
 def _classes(model: onnx.ModelProto, dims: list) -> int:
     """nc from the output's shape (after shape inference when exporters leave it out), else the names."""
-    from bulkdet.models import parse_names
+    from bulkdet.model.info import parse_names
 
     if dims[1] is None:
         inferred = onnx.shape_inference.infer_shapes(model).graph.output[0]

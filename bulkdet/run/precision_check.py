@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bulkdet.plan import Batch
-from bulkdet.postprocess import Detections, postprocess
+from bulkdet.run.plan import Batch
+from bulkdet.run.postprocess import Detections, postprocess
 
 MATCH_IOU = 0.5  # below this two boxes are different objects, not one drifting box
 IOU_MIN = 0.9
@@ -182,10 +182,10 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
     reader); None when there is no FP32 model to compare with."""
     import logging
 
-    from bulkdet.decode import Decoder
+    from bulkdet.run.decode import Decoder
     from bulkdet.engines import create_engine
-    from bulkdet.models import load_model_info
-    from bulkdet.plan import plan_batches
+    from bulkdet.model.info import load_model_info
+    from bulkdet.run.plan import plan_batches
 
     log = logging.getLogger("bulkdet")
     if prepared.precision == "engine" or Path(prepared.path) == Path(cfg.model):

@@ -17,8 +17,8 @@ from nvidia import nvimgcodec  # DALI's own image codec library (a dependency of
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image, ImageOps
 
-import bulkdet.imageinfo  # noqa: F401 - sets Pillow's own pixel limit off: --max-pixels applies
-from bulkdet.plan import Batch
+import bulkdet.ingest.imageinfo  # noqa: F401 - sets Pillow's own pixel limit off: --max-pixels applies
+from bulkdet.run.plan import Batch
 
 PAD_VALUE = 114
 _DALI_DTYPES = {np.float32: types.FLOAT, np.float16: types.FLOAT16}

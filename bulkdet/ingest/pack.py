@@ -14,7 +14,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from bulkdet.imageinfo import DEFAULT_MAX_PIXELS, ImageError, sniff
+from bulkdet.ingest.imageinfo import DEFAULT_MAX_PIXELS, ImageError, sniff
 from bulkdet.store.manifest import manifest_path, read_manifest, write_manifest
 from bulkdet.store.shards import ShardWriter, existing_shards, shard_keys
 

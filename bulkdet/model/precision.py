@@ -35,8 +35,8 @@ import onnx
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bulkdet.atomic import write_json_atomic
-from bulkdet.models import file_sha256
+from bulkdet.store.atomic import write_json_atomic
+from bulkdet.model.info import file_sha256
 
 log = logging.getLogger("bulkdet")
 
@@ -162,8 +162,8 @@ def _cached(cache: Path | None, name: str, make, provenance: dict) -> tuple[Path
 
 def with_nms(prepared: PreparedModel, conf: float, iou: float, max_det: int,
              cache: Path | None = None) -> PreparedModel:
-    """The prepared model with NMS appended (bulkdet/graph_nms.py), cached like the others."""
-    from bulkdet.graph_nms import NMS_VERSION, add_nms
+    """The prepared model with NMS appended (bulkdet/model/graph_nms.py), cached like the others."""
+    from bulkdet.model.graph_nms import NMS_VERSION, add_nms
 
     params = {"conf": conf, "iou": iou, "max_det": max_det}
     key = cache_key(prepared.sha256, prepared.precision + "+nms", params, {"graph_nms": NMS_VERSION})
@@ -245,7 +245,7 @@ def calibration_sample(calibration: Calibration, model_path: Path) -> Calibratio
     """N decodable images of the dataset, drawn with the seed; identified by their content hashes."""
     if calibration.target not in INT8_TARGETS:
         raise ValueError(f"int8 target {calibration.target!r} is not one of {', '.join(INT8_TARGETS)}")
-    from bulkdet.models import load_model_info
+    from bulkdet.model.info import load_model_info
     from bulkdet.store.manifest import read_manifest
 
     info = load_model_info(model_path)
@@ -270,8 +270,8 @@ def calibration_sample(calibration: Calibration, model_path: Path) -> Calibratio
 class _DatasetReader:
 
     def __init__(self, sample: CalibrationSample, input_name: str):
-        from bulkdet.decode import Decoder
-        from bulkdet.plan import plan_batches
+        from bulkdet.run.decode import Decoder
+        from bulkdet.run.plan import plan_batches
         from bulkdet.store.shards import ShardReader
 
         self.input_name = input_name

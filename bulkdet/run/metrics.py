@@ -19,8 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bulkdet.atomic import TMP_SUFFIX, write_parquet_atomic
-from bulkdet.atomic import _commit as commit_file
+from bulkdet.store.atomic import TMP_SUFFIX, write_parquet_atomic
+from bulkdet.store.atomic import _commit as commit_file
 
 log = logging.getLogger("bulkdet")
 

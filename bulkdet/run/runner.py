@@ -17,20 +17,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bulkdet import __version__
-from bulkdet.atomic import write_json_atomic
-from bulkdet.decode import Decoder
-from bulkdet.devices import Selection, select as select_device
+from bulkdet.store.atomic import write_json_atomic
+from bulkdet.run.decode import Decoder
+from bulkdet.system.devices import Selection, select as select_device
 from bulkdet.engines import create_engine, model_info
-from bulkdet.metrics import BatchTimes, MetricsRecorder
-from bulkdet.models import ModelInfo
-from bulkdet.pipeline import QUEUE_SIZE, Stage, StagePipeline
-from bulkdet.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, input_shapes, plan
-from bulkdet.postprocess import postprocess
-from bulkdet.oom import HalvingInfer
-from bulkdet.precision_check import check_run_precision
-from bulkdet.prepare import DEFAULT_CALIB_IMAGES, PreparedModel, describe, prepare_for_run, with_nms
-from bulkdet.progress import Progress
-from bulkdet.sink import RunSink, drop_failed_rows, prepare_run_dir, read_images
+from bulkdet.run.metrics import BatchTimes, MetricsRecorder
+from bulkdet.model.info import ModelInfo
+from bulkdet.run.pipeline import QUEUE_SIZE, Stage, StagePipeline
+from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, input_shapes, plan
+from bulkdet.run.postprocess import postprocess
+from bulkdet.run.oom import HalvingInfer
+from bulkdet.run.precision_check import check_run_precision
+from bulkdet.model.precision import DEFAULT_CALIB_IMAGES, PreparedModel, describe, prepare_for_run, with_nms
+from bulkdet.run.progress import Progress
+from bulkdet.store.parts import RunSink, drop_failed_rows, prepare_run_dir, read_images
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader
 

@@ -29,8 +29,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bulkdet.metrics import read_metrics, stages_of
-from bulkdet.sink import IMAGES_SCHEMA, detections_parts, images_parts
+from bulkdet.run.metrics import read_metrics, stages_of
+from bulkdet.store.parts import IMAGES_SCHEMA, detections_parts, images_parts
 
 FIRST_FAILURES = 3  # paths shown per failure status
 SCORE_BINS = 50  # score histogram bins over 0..1

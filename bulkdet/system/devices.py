@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bulkdet.engines import ENGINE_SUFFIXES
-from bulkdet.info import GPU_EXTRA
+from bulkdet.system.info import GPU_EXTRA
 
 log = logging.getLogger("bulkdet")
 
@@ -69,7 +69,7 @@ class Selection:
 def probe() -> GpuStatus:
     """Every part of the GPU path on this machine, from `bulkdet info`'s probes (NVML for the GPUs,
     a one-node session for ONNX Runtime's CUDA provider, imports for the rest)."""
-    from bulkdet.info import probe as probe_machine
+    from bulkdet.system.info import probe as probe_machine
 
     found = probe_machine()
     gpus = found["gpu"]["gpus"]

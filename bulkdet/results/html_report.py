@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from bulkdet.metrics import read_metrics
-from bulkdet.report import read_run_json, summarize, timeline
-from bulkdet.sink import detections_parts, images_parts
+from bulkdet.run.metrics import read_metrics
+from bulkdet.results.report import read_run_json, summarize, timeline
+from bulkdet.store.parts import detections_parts, images_parts
 
 N_SAMPLES = 6
 LABELLED_BOXES = 15  # boxes with a text label per sample (the highest scores); the rest are outlines only

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bulkdet.atomic import TMP_SUFFIX, fsync_dir, write_json_atomic, write_parquet_atomic
-from bulkdet.postprocess import Detections
+from bulkdet.store.atomic import TMP_SUFFIX, fsync_dir, write_json_atomic, write_parquet_atomic
+from bulkdet.run.postprocess import Detections
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.int64()),

@@ -1,0 +1,1 @@
+"""Reading what users give: walking sources, image headers, `bulkdet pack`."""

@@ -1,0 +1,1 @@
+"""What users read from a run folder: the report (terminal, JSON, HTML)."""

@@ -1,0 +1,1 @@
+"""`bulkdet run`: plan, read, decode, infer, post-process, write; local and on Ray."""

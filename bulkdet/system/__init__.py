@@ -1,0 +1,1 @@
+"""What this machine can do: GPU/DALI/ONNX Runtime probes and device selection."""
