@@ -15,7 +15,8 @@ from typing import Iterator
 from tqdm import tqdm
 
 from bulkdet.ingest.imageinfo import DEFAULT_MAX_PIXELS, ImageError, sniff
-from bulkdet.store.manifest import manifest_path, read_manifest, write_manifest
+from bulkdet.store.lock import FolderLock
+from bulkdet.store.manifest import ensure_dataset_id, manifest_path, read_manifest, write_manifest
 from bulkdet.store.shards import ShardWriter, existing_shards, shard_keys
 
 
@@ -133,6 +134,13 @@ def pack(src: Path, out: Path, shard_size_mb: float = 1024, follow_symlinks: boo
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise NotADirectoryError(f"{src} is not a folder")
+    with FolderLock(out, "pack"):  # two packs into one dataset would lose each other's files
+        ensure_dataset_id(out)
+        return _pack(src, out, shard_size_mb, follow_symlinks, max_pixels, threads, quiet)
+
+
+def _pack(src: Path, out: Path, shard_size_mb: float, follow_symlinks: bool, max_pixels: int, threads: int,
+          quiet: bool) -> PackSummary:
     shards_dir = out / "shards"
     old_rows = read_manifest(out).to_pylist() if manifest_path(out).exists() else []
     known_paths = {r["path"] for r in old_rows}
