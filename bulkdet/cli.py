@@ -85,7 +85,8 @@ def run(
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.run.runner import RunConfig, run as do_run
-    from bulkdet.store.parts import ConfigMismatch
+    from bulkdet.store.lock import FolderInUse
+    from bulkdet.store.run_folder import RunFolderRefused
 
     _setup_logging(quiet)
     for name, value, allowed in (("device", device, ("auto", "cpu", "gpu")),
@@ -93,10 +94,11 @@ def run(
                                  ("precision", precision, ("fp32", "fp16", "int8"))):
         if value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"--{name}")
-    cfg = RunConfig(dataset_dir, model, out, device, backend, imgsz, max_batch, conf, iou, max_det, names,
-                    precision, overwrite, dali_threads, infer_threads, quiet=quiet,
+    cfg = RunConfig(dataset_dir, model, out, device=device, backend=backend, imgsz=imgsz, max_batch=max_batch,
+                    conf=conf, iou=iou, max_det=max_det, names=names, precision=precision, overwrite=overwrite,
+                    dali_threads=dali_threads, infer_threads=infer_threads, quiet=quiet,
                     commit_images=commit_every, retry_failed=retry_failed,
-                    check_precision=check_precision, calib_images=calib_images, cache_dir=cache_dir,
+                    precision_check_images=check_precision, calib_images=calib_images, cache_dir=cache_dir,
                     hw_decoder_load=hw_decoder_load, nms_in_model=nms_in_model,
                     pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers)
     if not use_ray and (ray_address or workers):
@@ -108,7 +110,7 @@ def run(
             s = run_on_ray(cfg, ray_address, workers)
         else:
             s = do_run(cfg)
-    except ConfigMismatch as exc:  # the command conflicts with what --out holds: a usage error
+    except (RunFolderRefused, FolderInUse) as exc:  # the command conflicts with what --out holds: a usage error
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -172,6 +174,7 @@ def report(
 ):
     """Summarise a run: throughput, where the time went, padding, failures, detections per class."""
     from bulkdet.results.report import compare, print_compare, print_report, summarize
+    from bulkdet.store.parts import BrokenPart
 
     if len(run_dirs) > 2:
         raise typer.BadParameter("give one run folder, or two to compare", param_hint="RUN_DIR")
@@ -189,7 +192,7 @@ def report(
             from bulkdet.results.html_report import write_html
 
             typer.echo(f"HTML report: {write_html(run_dirs[0], html)}", err=as_json)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, BrokenPart) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
 

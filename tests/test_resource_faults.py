@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pyarrow as pa
 import pytest
 
-import bulkdet.store.parts
+import bulkdet.store.run_folder
 from bulkdet.store.atomic import TMP_SUFFIX, write_parquet_atomic
 from bulkdet.engines.onnxruntime import OnnxRuntimeEngine
 from bulkdet.run.oom import HalvingInfer, OutOfMemory, is_out_of_memory
@@ -117,7 +117,7 @@ def test_atomic_write_on_a_full_disk_leaves_nothing_behind(tmp_path):
 
 def _disk_full_at(monkeypatch, call: int) -> None:
     """The `call`-th part write of the run goes to a full device (a real ENOSPC)."""
-    real = bulkdet.store.parts.write_parquet_atomic
+    real = bulkdet.store.run_folder.write_parquet_atomic
     calls = []
 
     def write(table, path, **kwargs):
@@ -126,7 +126,7 @@ def _disk_full_at(monkeypatch, call: int) -> None:
             os.symlink("/dev/full", path.with_name(path.name + TMP_SUFFIX))
         return real(table, path, **kwargs)
 
-    monkeypatch.setattr(bulkdet.store.parts, "write_parquet_atomic", write)
+    monkeypatch.setattr(bulkdet.store.run_folder, "write_parquet_atomic", write)
 
 
 @pytest.mark.parametrize("failing_write", [5, 6])  # a detections part; an images part (the commit)

@@ -81,6 +81,7 @@ class MetricsRecorder:
         self.path = Path(path) if path is not None else None
         self._writer = None
         self._written = 0  # rows in the file so far
+        self._tmp = None
         if self.path is not None:
             self._tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
             self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
@@ -153,6 +154,21 @@ class MetricsRecorder:
         if self._writer is None and self.rows:
             write_parquet_atomic(self.table(), path)
 
+    def __enter__(self) -> "MetricsRecorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Commits the rows measured, also after a failure (a resumed run's report shows them);
+        when that write fails too (the disk is full), its temporary file goes and the error that
+        stopped the run is the one reported."""
+        try:
+            self.close()
+        except OSError:
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
+            if exc is None:
+                raise
+
     def close(self) -> Path | None:
         """Write what is left and put the file in place; a run with no batch writes nothing new."""
         if self._writer is None:
@@ -164,12 +180,6 @@ class MetricsRecorder:
             self._tmp.unlink()
             return None
         return commit_file(self._tmp, self.path)
-
-
-def read_metrics(run_dir: Path) -> pa.Table | None:
-    """metrics.parquet of a run folder, or None when the run recorded no batch."""
-    path = Path(run_dir) / "metrics.parquet"
-    return pq.read_table(path) if path.exists() else None
 
 
 def stages_of(table: pa.Table) -> list[str]:

@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from bulkdet.run.postprocess import Detections
-from bulkdet.store.parts import ConfigMismatch, RunSink, prepare_run_dir, read_detections, read_images
+from bulkdet.store.parts import read_detections, read_images
+from bulkdet.store.run_folder import ConfigMismatch, PartWriter, RunFolder
 
 
 def dets(n, cls=0):
@@ -21,8 +22,8 @@ def add(sink, shard, ids, detections):
 
 
 def test_parts_per_shard_schema_metadata_and_journal(tmp_path):
-    prepare_run_dir(tmp_path, {"model_sha256": "x"}, overwrite=False)
-    sink = RunSink(tmp_path, {0: "cat", 1: "dog"}, {"model_sha256": "x"}, commit_images=100)
+    RunFolder.open(tmp_path, {"model_sha256": "x"})._release()
+    sink = PartWriter(tmp_path, {0: "cat", 1: "dog"}, {"model_sha256": "x"}, commit_images=100)
     add(sink, 0, [0, 1], [dets(2), dets(1, cls=1)])
     add(sink, 1, [2], [None])  # new shard: shard 0's rows are committed first
     sink.close()
@@ -43,19 +44,19 @@ def test_parts_per_shard_schema_metadata_and_journal(tmp_path):
 
 def test_resume_skips_committed_and_drops_uncommitted(tmp_path):
     fp = {"model_sha256": "x", "conf": 0.25}
-    prepare_run_dir(tmp_path, fp, overwrite=False)
-    sink = RunSink(tmp_path, {}, {}, commit_images=2)
+    RunFolder.open(tmp_path, fp)._release()
+    sink = PartWriter(tmp_path, {}, {}, commit_images=2)
     add(sink, 0, [0, 1], [dets(1), dets(1)])  # committed (reaches commit_images)
     add(sink, 0, [2], [dets(1)])  # buffered only: lost when "killed"
     sink.journal.close()
     # What a kill leaves behind: a temp file and a detections part without its images part.
     (tmp_path / "images" / "part-s00000-00001.parquet.tmp").write_bytes(b"partial")
     (tmp_path / "detections" / "part-s00000-00009.parquet").write_bytes(b"orphan")
-    done = prepare_run_dir(tmp_path, fp, overwrite=False)
-    assert done == {0, 1}
+    with RunFolder.open(tmp_path, fp) as folder:
+        assert folder.done == {0, 1}
     assert not list(tmp_path.glob("*/*.tmp"))
     assert not (tmp_path / "detections" / "part-s00000-00009.parquet").exists()
-    sink = RunSink(tmp_path, {}, {}, commit_images=2)
+    sink = PartWriter(tmp_path, {}, {}, commit_images=2)
     add(sink, 0, [2], [dets(1)])
     sink.close()
     assert sorted(read_images(tmp_path).column("image_id").to_pylist()) == [0, 1, 2]
@@ -63,11 +64,12 @@ def test_resume_skips_committed_and_drops_uncommitted(tmp_path):
 
 
 def test_other_settings_refused_unless_overwrite(tmp_path):
-    prepare_run_dir(tmp_path, {"model_sha256": "a", "conf": 0.25}, overwrite=False)
-    sink = RunSink(tmp_path, {}, {}, commit_images=1)
+    RunFolder.open(tmp_path, {"model_sha256": "a", "conf": 0.25})._release()
+    sink = PartWriter(tmp_path, {}, {}, commit_images=1)
     add(sink, 0, [0], [dets(1)])
     sink.close()
     with pytest.raises(ConfigMismatch, match="conf"):
-        prepare_run_dir(tmp_path, {"model_sha256": "a", "conf": 0.5}, overwrite=False)
-    assert prepare_run_dir(tmp_path, {"model_sha256": "a", "conf": 0.5}, overwrite=True) == set()
+        RunFolder.open(tmp_path, {"model_sha256": "a", "conf": 0.5})
+    with RunFolder.open(tmp_path, {"model_sha256": "a", "conf": 0.5}, overwrite=True) as folder:
+        assert folder.done == set()
     assert not list((tmp_path / "images").iterdir())
