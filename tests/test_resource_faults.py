@@ -143,6 +143,7 @@ def test_disk_full_exits_1_keeps_committed_parts_and_resumes(small_dataset, anal
     committed = (failing_write - 1) // 2  # two writes per part: detections, then images
     assert len(images_parts(out)) == committed
     assert not list(out.rglob(f"*{TMP_SUFFIX}"))  # the partial file was removed at once
+    assert json.loads((out / "run.json").read_text())["state"] == "failed"
     assert len(read_images(out)) > 0  # what was committed is readable
 
     monkeypatch.undo()

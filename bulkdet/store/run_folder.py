@@ -114,19 +114,23 @@ class RunFolder:
                 p.unlink(missing_ok=True)
 
     def _check_identity(self, identity: dict) -> None:
-        """fingerprint.json must match; one that no committed part depends on is simply replaced
-        (a start that failed before writing anything must not block the corrected command)."""
+        """fingerprint.json must match, unless no detection depends on it yet: a start that failed
+        before its first batch was committed must not block the corrected command (the rows of
+        files that failed at pack, which it may have written, are simply written again)."""
         path = self.path / FINGERPRINT
         identity = json.loads(json.dumps(identity))  # as stored: e.g. int dict keys become strings
-        if path.is_file() and images_parts(self.path):
-            previous = json.loads(path.read_text())
-            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-            if changed:
+        previous = json.loads(path.read_text()) if path.is_file() else identity
+        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        if changed:
+            unstored = f"part-{part_label(-1)}-"
+            if any(not p.name.startswith(unstored) for p in images_parts(self.path)):
                 raise ConfigMismatch(
                     f"{self.path} holds a run with different {', '.join(changed)}; "
                     "use --overwrite to replace its results, or another --out")
-            return
-        write_json_atomic(identity, path)
+            for p in images_parts(self.path):
+                self._drop_part(p.name)
+        if changed or not path.is_file():
+            write_json_atomic(identity, path)
 
     def _repair(self) -> None:
         """After a kill: temporary files and uncommitted detections parts go; parts that no longer
