@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from bulkdet.run.metrics import read_metrics
 from bulkdet.results.report import read_run_json, summarize, timeline
+from bulkdet.store.atomic import write_text_atomic
 from bulkdet.store.parts import detections_parts, images_parts
 
 N_SAMPLES = 6
@@ -313,7 +314,5 @@ def render_html(run_dir: Path) -> str:
 
 
 def write_html(run_dir: Path, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(run_dir), encoding="utf-8")
-    return path
+    """The page, written atomically: a failure never leaves half a page at `path`."""
+    return write_text_atomic(render_html(run_dir), path, per_process=True)
