@@ -211,26 +211,11 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
 @app.command()
 def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's data and results.")):
     """Generate synthetic images and an analytic detector, then pack, run and report."""
-    from bulkdet.demo import build_analytic_detector, compare_with_truth, make_demo_images
-    from bulkdet.ingest.pack import pack as do_pack
-    from bulkdet.results.report import print_report
-    from bulkdet.run.runner import RunConfig, run as do_run
-    from bulkdet.store.parts import read_detections
+    from bulkdet.demo import run_demo
 
     _setup_logging(False)
-    truth = make_demo_images(out / "images", n=48, truth_path=out / "truth.json")
-    model = build_analytic_detector(out / "analytic-rgb.onnx")
-    typer.echo(f"demo: {len(truth)} synthetic images and an analytic red/green/blue rectangle detector in {out}")
-    do_pack(out / "images", out / "dataset")
-    do_run(RunConfig(out / "dataset", model, out / "run", overwrite=True))
-    print_report(out / "run")
-    problems = compare_with_truth(truth, read_detections(out / "run").to_pylist())
-    n_rects = sum(len(t["rects"]) for t in truth)
-    if problems:
-        typer.echo(f"demo: {len(problems)} problem(s) against the known truth:\n  " + "\n  ".join(problems[:20]))
+    if run_demo(out, typer.echo):
         raise typer.Exit(EXIT_ERROR)
-    typer.echo(f"demo: all {n_rects} rectangles found with the right class and corners within tolerance, "
-               f"no extra boxes. Results: {out / 'run'}")
 
 
 def main():  # pragma: no cover

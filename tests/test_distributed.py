@@ -17,7 +17,7 @@ import ray
 
 from conftest import make_images
 
-from bulkdet.demo import compare_with_truth
+from bulkdet.synthetic import compare_with_truth
 from bulkdet.ingest.pack import pack
 from bulkdet.run.runner import RunConfig, run
 from bulkdet.store.parts import read_detections, read_images

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 
 import bulkdet.store.run_folder
-from bulkdet.store.atomic import TMP_SUFFIX, write_parquet_atomic
+from bulkdet.store.atomic import TMP_SUFFIX, copy_atomic, write_parquet_atomic
 from bulkdet.engines.onnxruntime import OnnxRuntimeEngine
 from bulkdet.run.oom import HalvingInfer, OutOfMemory, is_out_of_memory
 from bulkdet.store.parts import images_parts, read_detections, read_images
@@ -114,6 +114,18 @@ def test_atomic_write_on_a_full_disk_leaves_nothing_behind(tmp_path):
     assert info.value.errno == errno.ENOSPC
     assert not target.exists() and not os.path.lexists(tmp_path / ("part.parquet" + TMP_SUFFIX))
 
+
+def test_a_copy_into_a_users_folder_takes_no_file_of_theirs_for_its_temporary(tmp_path):
+    """Outside bulkdet's own folders (prepare --out, report --html, the cache) the temporary name
+    holds the process id: a user's `model.onnx.tmp` is not overwritten, nor removed."""
+    theirs = tmp_path / "out" / ("model.onnx" + TMP_SUFFIX)
+    theirs.parent.mkdir()
+    theirs.write_text("the user's")
+    source = tmp_path / "source.onnx"
+    source.write_bytes(b"model bytes")
+    assert copy_atomic(source, tmp_path / "out" / "model.onnx", per_process=True).read_bytes() == b"model bytes"
+    assert theirs.read_text() == "the user's"
+    assert sorted(p.name for p in theirs.parent.iterdir()) == ["model.onnx", "model.onnx" + TMP_SUFFIX]
 
 def _disk_full_at(monkeypatch, call: int) -> None:
     """The `call`-th part write of the run goes to a full device (a real ENOSPC)."""

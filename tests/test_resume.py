@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bulkdet.demo import draw_upright, random_rects
+from bulkdet.synthetic import draw_upright, random_rects
 from bulkdet.ingest.pack import pack
 from bulkdet.run.runner import RunConfig, run
 from bulkdet.store.parts import read_detections, read_images

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from bulkdet.results.report import summarize, timeline
+from bulkdet.store.atomic import write_text_atomic
 from bulkdet.store.parts import iter_detections, iter_images, read_metrics, read_run_json
 
 N_SAMPLES = 6
@@ -308,7 +309,5 @@ def render_html(run_dir: Path) -> str:
 
 
 def write_html(run_dir: Path, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(run_dir), encoding="utf-8")
-    return path
+    """The page, written atomically: a failure never leaves half a page at `path`."""
+    return write_text_atomic(render_html(run_dir), path, per_process=True)

@@ -32,7 +32,7 @@ from bulkdet.store.parts import iter_detections, iter_images, read_metrics, read
 FIRST_FAILURES = 3  # paths shown per failure status
 SCORE_BINS = 50  # score histogram bins over 0..1
 MIN_STEADY_BATCHES = 16  # batches after the first one out, to measure a steady rate (see above)
-# What to try when a stage is the busiest one.
+# What to try when a stage is the busiest one: one hint per name of metrics.STAGES.
 HINTS = {
     "read": "reading shards: faster storage, or fewer, larger reads (bigger batches)",
     "decode": "decoding: more --dali-threads, or --device gpu (nvJPEG / hardware JPEG decoder)",

@@ -27,12 +27,12 @@ import pyarrow.compute as pc
 from bulkdet import __version__
 from bulkdet.engines import create_engine, model_info
 from bulkdet.model.info import ModelInfo
-from bulkdet.model.precision import DEFAULT_CALIB_IMAGES, PreparedModel, describe, prepare_for_run, with_nms
+from bulkdet.model.precision import DEFAULT_CALIB_IMAGES, ModelFile, model_for_run, with_nms
 from bulkdet.run.decode import Decoder
 from bulkdet.run.metrics import STAGES, BatchTimes, MetricsRecorder
 from bulkdet.run.oom import HalvingInfer
 from bulkdet.run.pipeline import QUEUE_SIZE, Stage, StagePipeline
-from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, input_shapes, plan
+from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, input_shapes, model_input_hw, plan
 from bulkdet.run.postprocess import postprocess
 from bulkdet.run.precision_check import check_run_precision
 from bulkdet.run.progress import Progress
@@ -68,7 +68,7 @@ class RunConfig:
     retry_failed: bool = False  # process again the images whose committed row is not ok
     precision_check_images: int = 0  # images also run through the FP32 model to measure drift
     calib_images: int = DEFAULT_CALIB_IMAGES  # INT8 calibration images drawn from the dataset
-    cache_dir: Path | None = None  # prepared models and TensorRT engines (default: model.precision.cache_dir())
+    cache_dir: Path | None = None  # prepared models and TensorRT engines (default: store.cache.cache_dir())
     hw_decoder_load: float | None = None  # share of JPEGs for the GPU's hardware decoder
     nms_in_model: bool = False  # append NMS to the graph: only final detections leave the engine
     pixel_budget: int | None = None  # input pixels per batch (None: plan.default_pixel_budget)
@@ -96,7 +96,7 @@ class RunJob:
 
     cfg: RunConfig
     selection: Selection
-    model_file: PreparedModel  # the file that runs (fp16/int8/NMS made from --model)
+    model_file: ModelFile  # the file that runs (fp16/int8/NMS made from --model)
     model: ModelInfo  # of model_file
     run_id: str
     identity: dict  # what the results depend on: a run folder holds results of one identity
@@ -150,7 +150,7 @@ def run(cfg: RunConfig, execute: Executor | None = None) -> RunSummary:
 def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
     """Device, the model file that runs (prepared for --precision / --nms-in-model), identity, run.json."""
     selection = selection or select_device(cfg.device, cfg.backend, cfg.model)
-    model_file = prepare_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz,
+    model_file = model_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz,
                                  cfg.cache_dir, selection.device)
     if cfg.nms_in_model:
         model_file = with_nms(model_file, cfg.conf, cfg.iou, cfg.max_det, cfg.cache_dir)
@@ -164,8 +164,8 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
     run_json = {"run_id": run_id, "started": time.time(), "dataset": str(Path(cfg.dataset).resolve()),
                 "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
                 "model": {"path": str(cfg.model), "sha256": model.sha256, "names": model.names,
-                          "input_hw": model_input_hw(model, cfg.imgsz),
-                          "input_dtype": np.dtype(model.input_dtype).name, "prepared": describe(model_file)},
+                          "input_hw": model_input_hw(cfg.imgsz, model.stride, model.fixed_shape),
+                          "input_dtype": np.dtype(model.input_dtype).name, "prepared": model_file.as_dict()},
                 "device_selection": asdict(selection), "environment": environment()}
     return RunJob(cfg, selection, model_file, model, run_id, identity, metadata, run_json)
 
@@ -241,7 +241,7 @@ class ShardProcessor:
         self.cfg = cfg
         self.model = model
         self.device = device
-        self.input_hw = model_input_hw(model, cfg.imgsz)
+        self.input_hw = model_input_hw(cfg.imgsz, model.stride, model.fixed_shape)
         self.max_batch = model.batch or cfg.max_batch
         # Input shapes the GPU engines take (buffers, TensorRT profiles): batch 1..max_batch at
         # every input size the planner makes (its aspect buckets). Not taken from the rows left,
@@ -353,7 +353,3 @@ def default_threads(device: str, dali: int | None = None, infer: int | None = No
 
 def pa_array(values):
     return pa.array(sorted(values), pa.int64())
-
-
-def model_input_hw(model: ModelInfo, imgsz: int) -> tuple[int, int]:
-    return model.fixed_shape or (-(-imgsz // model.stride) * model.stride,) * 2
