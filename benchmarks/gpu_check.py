@@ -264,6 +264,8 @@ def finish_gpu_tests(proc: subprocess.Popen, xml: Path, log: Path, timeout_s: fl
         else:
             result["failed" if outcome.tag == "failure" else "errors"] += 1
             result["failures"].append(f"{name}: {(outcome.get('message') or outcome.text or '')[:600]}")
+    if rc != 0:  # only the JSON comes back from the GPU machine: keep the end of pytest's log in it
+        result["log_tail"] = log.read_text()[-4000:]
     return result
 
 
