@@ -234,6 +234,7 @@ def gpu_test_files() -> list[str]:
 
 def start_gpu_tests(work: Path) -> tuple[subprocess.Popen, Path, Path]:
     xml, log = work / "pytest-gpu.xml", work / "pytest-gpu.log"
+    xml.unlink(missing_ok=True)  # an earlier run's report must not pass for this one's
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
            f"--junitxml={xml}", *gpu_test_files()]
     with open(log, "w") as out:
@@ -255,8 +256,8 @@ def finish_gpu_tests(proc: subprocess.Popen, xml: Path, log: Path, timeout_s: fl
         raise RuntimeError(f"pytest -m gpu exited {rc} without a report; log:\n{log.read_text()[-1500:]}")
     for case in ET.parse(xml).getroot().iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
-        outcome = next(iter(case), None)
-        if outcome is None or outcome.tag in ("system-out", "system-err"):
+        outcome = next((c for c in case if c.tag in ("skipped", "failure", "error")), None)
+        if outcome is None:
             result["passed"] += 1
         elif outcome.tag == "skipped":
             result["skipped"] += 1
@@ -590,8 +591,7 @@ def describe_device(gpu: dict, cpu: str) -> str:
 def run_check(args, result: dict, path: Path) -> dict:
     gpu = result["gpu_measured"]
     device = "gpu" if gpu else "cpu"
-    sizes = result["sizes_used"]
-    sizes = Sizes(**sizes)
+    sizes = Sizes(**result["sizes_used"])
     data = args.data
     cache, runs = data / "cache", data / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -601,7 +601,9 @@ def run_check(args, result: dict, path: Path) -> dict:
 
     t_tests = time.monotonic()
     tests = None
-    if not args.skip_tests:
+    if args.skip_tests:
+        result["notes"]["pytest_gpu"] = "not run (--skip-tests)"
+    else:
         try:
             tests = start_gpu_tests(data)
         except Exception as exc:  # noqa: BLE001
@@ -619,7 +621,7 @@ def run_check(args, result: dict, path: Path) -> dict:
             result["errors"]["pytest_gpu"] = f"{pytest_result['failed']} failed, {pytest_result['errors']} errors"
     if prep is None:
         return result
-    # The fields Path/list values of `prep` stay out of the JSON but are used below.
+    # Only the figures of `prep` stay in the JSON; its paths and truth are used below.
     ds, models = prep["datasets"], prep["models"]
     result["data"] = {k: v for k, v in prep.items() if k in ("generate_s", "pack_s", "model_s", "images")}
     result["model"] = {"name": models["name"], "file": models["fp32"].name}
@@ -634,11 +636,10 @@ def run_check(args, result: dict, path: Path) -> dict:
             check.section(("decode_only", name, key),
                           lambda: decode_only(ds[name], device, load, sizes.measure_s, threads),
                           LIMITS["decode"] + sizes.measure_s)
-    fp16 = check.section(("model", "fp16_file"), lambda: fp16_model(models["fp32"], cache).name, LIMITS["fp16"])
-    for precision in ("fp32", "fp16"):
-        if precision == "fp16" and fp16 is None:
+    fp16 = check.section(("model", "fp16_file"), lambda: str(fp16_model(models["fp32"], cache)), LIMITS["fp16"])
+    for precision, file in (("fp32", models["fp32"]), ("fp16", fp16 and Path(fp16))):
+        if file is None:
             continue
-        file = models["fp32"] if precision == "fp32" else cache / "models" / fp16
         check.section(("model_only", precision), lambda: model_only(file, ds["mix"], device, sizes.measure_s),
                       LIMITS["model"])
 
