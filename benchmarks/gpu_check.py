@@ -48,7 +48,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMGSZ, MAX_BATCH = 640, 32  # bulkdet's defaults
-HW_DECODER_LOADS = (0.0, 0.65, 0.9)  # share of JPEGs for the hardware decoder (A100/H100/H200 have one)
+HW_DECODER_LOADS = (0.0, 0.65, 0.9)
+MODEL_BATCHES_PER_PASS = 40  # share of JPEGs for the hardware decoder (A100/H100/H200 have one)
 _REEXEC = "BULKDET_GPU_CHECK_LIBS"
 
 # (module, distribution that provides it, what the check needs it for)
@@ -398,6 +399,9 @@ def model_only(model: Path, dataset: Path, device: str, measure_s: float) -> dic
 
     the_plan = _planned(dataset, device, model)
     shapes = [(b, h, w) for b, (h, w) in zip(the_plan.batch_sizes().tolist(), the_plan.input_hw.tolist())]
+    # Every k-th batch: the plan's mix of shapes in proportion, a pass short enough to repeat.
+    shapes = shapes[::max(1, len(shapes) // MODEL_BATCHES_PER_PASS)]
+    images = sum(b for b, _, _ in shapes)
     distinct = sorted(set(shapes))
     _, infer_threads, workers = default_threads(device)
     t0 = time.perf_counter()
@@ -413,7 +417,7 @@ def model_only(model: Path, dataset: Path, device: str, measure_s: float) -> dic
         with ThreadPoolExecutor(workers) as pool:
             def one_pass(_):
                 list(pool.map(lambda s: engine.infer(inputs[s]), shapes))
-                return len(the_plan.image_id)
+                return images
 
             n, wall, passes = timed_passes(one_pass, [None], measure_s)
         provider, dtype = engine.provider, np.dtype(engine.input_dtype).name
@@ -457,7 +461,32 @@ def end_to_end(dataset: Path, model: Path, out: Path, device: str, cap_s: float,
             "bottleneck": s.get("bottleneck"),
             "stage_busy_share": {k: round(v, 3) for k, v in (s.get("stage_busy_share") or {}).items()},
             "detections": s.get("detections"), "failed": s.get("failed"),
-            "threads": run_json.get("threads"), "mean_batch": (run_json.get("plan") or {}).get("mean_batch")}
+            "threads": run_json.get("threads"), "mean_batch": (run_json.get("plan") or {}).get("mean_batch"),
+            **first_calls(out)}
+
+
+def first_calls(run_dir: Path) -> dict:
+    """Inference seconds of each batch shape's first call (ONNX Runtime plans memory and cuDNN
+    searches its algorithms then), against all inference seconds: what of a short run's rate
+    is start-up that a long run would not see."""
+    import numpy as np
+
+    from bulkdet.results.report import timeline
+    from bulkdet.run.metrics import read_metrics
+
+    metrics = read_metrics(run_dir)
+    if metrics is None or not len(metrics):
+        return {}
+    t = timeline(metrics)
+    order = np.argsort(t["infer_start"])
+    seen, first = set(), 0.0
+    for i in order:
+        shape = (int(t["batch_size"][i]), int(t["input_h"][i]), int(t["input_w"][i]))
+        if shape not in seen:
+            seen.add(shape)
+            first += float(t["infer_s"][i])
+    return {"batch_shapes": len(seen), "infer_first_call_per_shape_s": round(first, 2),
+            "infer_s": round(float(np.nansum(t["infer_s"])), 2)}
 
 
 def naive(images: list[Path], model: Path, device: str, cap_s: float) -> dict:
