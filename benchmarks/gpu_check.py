@@ -758,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     found = packages()
     missing = [f"{m} (pip: {e['distribution']}, for {e['needed_for']})" for m, e in found.items() if "error" in e]
+    if "CUDAExecutionProvider" not in found["onnxruntime"].get("providers", ["CUDAExecutionProvider"]):
+        missing.append("onnxruntime's CUDAExecutionProvider (pip: onnxruntime-gpu, for inference on the GPU)")
     try:
         gpu = gpu_path()
     except Exception as exc:  # noqa: BLE001 - e.g. a package of the probe missing
