@@ -578,9 +578,11 @@ class Check:
         return value
 
     def save(self) -> None:
-        from bulkdet.store.atomic import write_json_atomic
-
-        write_json_atomic(self.result, self.path)
+        """Temporary file and rename, with the standard library only: the JSON must be written
+        even where the packages it reports missing (pyarrow, for bulkdet's own writer) are."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.result, indent=1, default=str) + "\n")
+        os.replace(tmp, self.path)
 
 
 def _get(result: dict, *keys):
@@ -796,7 +798,11 @@ def main(argv: list[str] | None = None) -> int:
         result["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
         result["wall_s"] = round(time.perf_counter() - t0, 1)
         Check(result, path, 0).save()
-    print_table(result)
+    try:
+        print_table(result)
+    except ImportError:  # no rich: the figures as they are in the JSON
+        print(json.dumps({k: result[k] for k in ("device", "gpu_measured", *HEADLINE, "cpu_dry_run", "errors")},
+                         indent=1, default=str))
     return 1 if result["errors"] else 0
 
 
