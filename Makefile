@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (set PY=...)"; exit 1; }
@@ -21,6 +21,19 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# No venv stamp on the GPU test machine: it has no venv and no package index, and runs the system
+# python3 with the carried packages on PYTHONPATH (docs/gpu-and-precision.md). Here: the venv when
+# there is one, else python3 when it has the basics, else the venv is made as for the other
+# targets. GPU_CHECK_PY=... chooses; GPU_CHECK_ARGS="--budget-s 150 --skip-tests" e.g. for a rerun.
+# Without a usable GPU it is the CPU dry run.
+gpu-check:
+	@py="$(GPU_CHECK_PY)"; \
+	if [ -z "$$py" ] && [ -x $(BIN)/python ]; then py=$(BIN)/python; fi; \
+	if [ -z "$$py" ] && python3 -c "import numpy, pyarrow" 2>/dev/null; then py=python3; fi; \
+	if [ -z "$$py" ]; then $(MAKE) --no-print-directory $(STAMP) && py=$(BIN)/python; fi; \
+	echo "$$py -m benchmarks.gpu_check $(GPU_CHECK_ARGS)"; \
+	$$py -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out

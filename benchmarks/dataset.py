@@ -2,15 +2,17 @@
 
 `make_jpeg_mix` writes photo-like JPEGs with a real-world size mix (mostly
 landscape 640x480..1920x1080, a few 4000x3000, some portrait) so decode,
-resize and batching costs look like a real crawl. `make_small_images` writes
-many tiny JPEGs for the linear-scaling test. Both reuse a directory that was
-already filled with the same parameters (a marker json records them).
+resize and batching costs look like a real crawl. `make_photos` writes them
+all at one size (1080p for decode timing), `make_small_images` many tiny JPEGs
+for the linear-scaling test. All reuse a directory that was already filled
+with the same parameters (a marker json records them).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,16 +123,24 @@ def make_jpeg_mix(out_dir: str | Path, n: int, seed: int = 0, workers: int = 2) 
 
     Deterministic in (n, seed). Files are named NNNNNN.jpg in generation order.
     """
-    out_dir = Path(out_dir)
-    params = {"kind": "jpeg_mix", "version": GENERATOR_VERSION, "n": n, "seed": seed,
-              "quality": QUALITY}
+    return _make_photos(Path(out_dir), {"kind": "jpeg_mix"}, size_mix(n, seed), seed, workers)
+
+
+def make_photos(out_dir: str | Path, n: int, size: tuple[int, int] = (1920, 1080), seed: int = 0,
+                workers: int = 2) -> list[Path]:
+    """Write n photo-like JPEGs all of one (width, height), e.g. 1080p for decode timing."""
+    return _make_photos(Path(out_dir), {"kind": "photos", "size": list(size)}, [tuple(size)] * n, seed, workers)
+
+
+def _make_photos(out_dir: Path, kind: dict, sizes: list[tuple[int, int]], seed: int, workers: int) -> list[Path]:
+    n = len(sizes)
+    params = {**kind, "version": GENERATOR_VERSION, "n": n, "seed": seed, "quality": QUALITY}
     names = [f"{i:06d}.jpg" for i in range(n)]
     if (paths := _cached(out_dir, params, names)) is not None:
         return paths
 
     _prepare(out_dir, names)
-    jobs = [(out_dir / name, w, h, seed, i)
-            for i, (name, (w, h)) in enumerate(zip(names, size_mix(n, seed)))]
+    jobs = [(out_dir / name, w, h, seed, i) for i, (name, (w, h)) in enumerate(zip(names, sizes))]
     # Threads, not processes: PIL and numpy release the GIL for the heavy
     # parts (2 threads ~1.9x on 2 cores), and no spawn/fork pitfalls.
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -170,6 +180,18 @@ def make_small_images(out_dir: str | Path, n: int, size: tuple[int, int] = (64, 
             paths[start + j].write_bytes(_encode(arr[j]))
     _write_marker(out_dir, params)
     return paths
+
+
+def jpeg_folder(paths: list[Path], folder: Path, copies: int = 1) -> Path:
+    """A folder holding just these JPEGs (hard links), without the generator's marker file;
+    `copies` > 1 links each file that many times (a larger set at no generation cost)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(copies):
+        for p in paths:
+            link = folder / (p.name if copies == 1 else f"{k:03d}-{p.name}")
+            if not link.exists():
+                os.link(p, link)
+    return folder
 
 
 def _main() -> None:

@@ -2,9 +2,10 @@
 
 PIL opens each file, letterboxes it to a 640x640 square, ONNX Runtime runs it at batch 1
 with default session options, numpy does the NMS, and one Parquet file is written at the
-end. No batching, no overlap, no shards: the script people start from.
+end. No batching, no overlap, no shards: the script people start from. With `gpu`, the same
+script with ONNX Runtime's CUDA provider (what such a user does on a GPU machine).
 
-    python -m benchmarks.naive IMAGE_DIR MODEL.onnx OUT.parquet
+    python -m benchmarks.naive IMAGE_DIR MODEL.onnx OUT.parquet [cpu|gpu]
 """
 
 from __future__ import annotations
@@ -48,29 +49,43 @@ def nms(boxes, scores, iou):
     return keep
 
 
-def main(image_dir: str, model: str, out: str) -> None:
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+def open_session(model: str, device: str = "cpu") -> ort.InferenceSession:
+    providers = ["CPUExecutionProvider"]
+    if device == "gpu":
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(model), providers=providers)
+    if session.get_providers()[0] != providers[0]:
+        raise RuntimeError(f"ONNX Runtime did not start {providers[0]}: it runs on {session.get_providers()}")
+    return session
+
+
+def detect(session: ort.InferenceSession, path: Path) -> list[dict]:
+    """One image: open, letterbox, infer at batch 1, NMS; its detections as rows."""
+    img = Image.open(path).convert("RGB")
+    canvas, r, left, top = letterbox(img)
+    x = np.asarray(canvas, dtype=np.float32).transpose(2, 0, 1)[None] / 255.0
+    pred = session.run(None, {session.get_inputs()[0].name: x})[0][0].T  # [N, 4 + nc]
+    scores = pred[:, 4:].max(1)
+    classes = pred[:, 4:].argmax(1)
+    mask = scores > CONF
+    xywh, scores, classes = pred[mask, :4], scores[mask], classes[mask]
+    boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
     rows = []
-    for path in sorted(Path(image_dir).glob("*.jpg")):
-        img = Image.open(path).convert("RGB")
-        canvas, r, left, top = letterbox(img)
-        x = np.asarray(canvas, dtype=np.float32).transpose(2, 0, 1)[None] / 255.0
-        pred = session.run(None, {input_name: x})[0][0].T  # [N, 4 + nc]
-        scores = pred[:, 4:].max(1)
-        classes = pred[:, 4:].argmax(1)
-        mask = scores > CONF
-        xywh, scores, classes = pred[mask, :4], scores[mask], classes[mask]
-        boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
-        for c in np.unique(classes):
-            idx = np.flatnonzero(classes == c)
-            for k in nms(boxes[idx], scores[idx], IOU):
-                x1, y1, x2, y2 = boxes[idx[k]]
-                rows.append({"path": path.name, "class_id": int(c), "score": float(scores[idx[k]]),
-                             "x1": (x1 - left) / r, "y1": (y1 - top) / r,
-                             "x2": (x2 - left) / r, "y2": (y2 - top) / r})
+    for c in np.unique(classes):
+        idx = np.flatnonzero(classes == c)
+        for k in nms(boxes[idx], scores[idx], IOU):
+            x1, y1, x2, y2 = boxes[idx[k]]
+            rows.append({"path": path.name, "class_id": int(c), "score": float(scores[idx[k]]),
+                         "x1": (x1 - left) / r, "y1": (y1 - top) / r,
+                         "x2": (x2 - left) / r, "y2": (y2 - top) / r})
+    return rows
+
+
+def main(image_dir: str, model: str, out: str, device: str = "cpu") -> None:
+    session = open_session(model, device)
+    rows = [row for path in sorted(Path(image_dir).glob("*.jpg")) for row in detect(session, path)]
     pq.write_table(pa.Table.from_pylist(rows), out)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

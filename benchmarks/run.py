@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.dataset import make_jpeg_mix, make_small_images
+from benchmarks.dataset import jpeg_folder, make_jpeg_mix, make_small_images
 from benchmarks.yolov8n import ensure_model
 from bulkdet.synthetic import build_analytic_detector
 from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, default_pixel_budget, plan
@@ -167,15 +167,6 @@ def naive_run(images: Path, model: Path, out: Path, work: Path) -> dict:
     n = len(list(images.glob("*.jpg")))
     return {**_throughput(n, m["wall_s"], m["cpu_s"]), "peak_rss_mb": round(m["peak_rss_mb"], 1),
             "detections": pq.read_metadata(out).num_rows}
-
-
-def jpeg_folder(paths: list[Path], folder: Path) -> Path:
-    """A folder holding just these JPEGs (hard links), without the generator's marker file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in paths:
-        if not (folder / p.name).exists():
-            os.link(p, folder / p.name)
-    return folder
 
 
 def pack(images: Path, dataset: Path, work: Path) -> dict:
