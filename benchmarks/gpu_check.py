@@ -146,8 +146,8 @@ def onnxruntime_cuda() -> dict:
     """Whether ONNX Runtime lists its CUDA provider and can start a session on it, asked in a fresh
     process (this one may have loaded CUDA libraries already, e.g. with torch)."""
     code = ("import json; from bulkdet.system.info import probe_onnxruntime; p = probe_onnxruntime(1); "
-            "print(json.dumps({'listed': 'CUDAExecutionProvider' in p.get('providers', []), "
-            "'problem': p.get('unavailable', {}).get('CUDAExecutionProvider') or p.get('error')}))")
+            "print(json.dumps({'listed': 'CUDAExecutionProvider' in p.providers, "
+            "'problem': p.unavailable.get('CUDAExecutionProvider') or p.error}))")
     try:
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -208,7 +208,7 @@ def gpu_path() -> dict:
     status = probe()
     return {"usable": status.backend_ok("onnxruntime"), "gpu_name": status.gpu_name,
             "compute_capability": status.compute_capability, "missing": status.problems("onnxruntime"),
-            "nvml": probe_gpus()}
+            "nvml": asdict(probe_gpus())}
 
 
 def machine() -> dict:
@@ -275,7 +275,7 @@ def finish_gpu_tests(proc: subprocess.Popen, xml: Path, log: Path, timeout_s: fl
 def prepare(data: Path, sizes: Sizes, model_choice: str, workers: int) -> dict:
     """Generate the images, pack them, build the models. Reuses what an earlier run made."""
     from benchmarks.dataset import jpeg_folder, make_jpeg_mix, make_photos, make_small_images
-    from bulkdet.demo import build_analytic_detector, make_demo_images
+    from bulkdet.synthetic import build_analytic_detector, make_demo_images
     from bulkdet.ingest.pack import pack
 
     t0 = time.perf_counter()
@@ -467,7 +467,7 @@ def first_calls(run_dir: Path) -> dict:
     import numpy as np
 
     from bulkdet.results.report import timeline
-    from bulkdet.run.metrics import read_metrics
+    from bulkdet.store.parts import read_metrics
 
     metrics = read_metrics(run_dir)
     if metrics is None or not len(metrics):
@@ -507,7 +507,7 @@ def parity(dataset: Path, truth: list[dict], analytic: Path, runs: Path, gpu: bo
     one; every box where the truth says, and the GPU's boxes within 1 px of the CPU's."""
     import numpy as np
 
-    from bulkdet.demo import compare_with_truth
+    from bulkdet.synthetic import compare_with_truth
     from bulkdet.run.runner import RunConfig, run
     from bulkdet.store.parts import read_detections
 
