@@ -47,3 +47,21 @@ class Int8Target(Choice):
 
     GPU = "gpu"
     CPU = "cpu"
+
+
+# Ranges of the numeric options (checked when the command line is parsed: exit 2 outside them).
+# --imgsz: YOLO strides are 32 (P5) or 64 (P6), so 32 is the smallest input with one cell. The
+# input tensor grows with imgsz squared: at 8192 one 4:3 image is a 8192x6144 float32 input of
+# 600 MB, and a run of the tiny analytic demo detector at batch 1 peaks at 7.5 GB of memory
+# (measured; a real detector's activations take several times more). Beyond that, tile the image.
+IMGSZ_MIN, IMGSZ_MAX = 32, 8192
+# --max-batch: GPU engines hold buffers of max-batch inputs (1024 640x640 float32 inputs: 5 GB a buffer).
+MAX_BATCH = 1024
+# --dali-threads, --infer-threads, --infer-workers, --workers: more than any machine has cores.
+MAX_THREADS = 1024
+# --max-det: the most detections kept per image; also the cap on candidates before NMS (as the
+# reference YOLO predictors do) and the size of the output of a model with --nms-in-model.
+MAX_DET = 30_000
+# pack --shard-size-mb: below 0.1 MB a shard holds less than one photo; above 1e6 MB (1 TB) one
+# shard, the unit of resume and of scale-out, would be a whole archive.
+SHARD_MB_MIN, SHARD_MB_MAX = 0.1, 1e6

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bulkdet.choices import MAX_DET
 from bulkdet.model.info import detect_layout
 from bulkdet.run.plan import Batch
 
-MAX_NMS_CANDIDATES = 30_000  # cap before NMS, as the reference YOLO predictors do
+MAX_NMS_CANDIDATES = MAX_DET  # cap before NMS, as the reference YOLO predictors do
 _CLASS_OFFSET = 1e5  # shifts boxes per class so one NMS pass never mixes classes
 
 
