@@ -145,9 +145,10 @@ def _fileno(stream) -> int | None:
         return None
 
 
-def _check_model(model: Path, names: Path | None, imgsz: int, param_hint: str = "'--model'") -> None:
+def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint: str = "'--model'") -> None:
     """The model (and --names) read before anything is written: a file that is no ONNX detector,
-    or names that do not fit its output, is a bad option value (exit 2), not a failed run."""
+    or names that do not fit its output, is a bad option value (exit 2), not a failed run.
+    `imgsz`: warn once when it is rounded up to the model's stride (None: not used)."""
     from bulkdet.engines import ENGINE_SUFFIXES
     from bulkdet.model.info import check_names_fit, load_model_info, read_names_file
     from bulkdet.run.plan import round_up
@@ -163,7 +164,7 @@ def _check_model(model: Path, names: Path | None, imgsz: int, param_hint: str = 
             check_names_fit(read_names_file(names), info.output_dims, info.end2end, f"class names file {names}")
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--names'") from None
-    if info.fixed_shape is None and imgsz % info.stride:
+    if imgsz is not None and info.fixed_shape is None and imgsz % info.stride:
         log.warning("--imgsz %d is not a multiple of the model's stride %d: using %d (as Ultralytics does)",
                     imgsz, info.stride, round_up(imgsz, info.stride))
 
@@ -320,7 +321,7 @@ def prepare(
     _check_writable(out, "'--out'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
-    _check_model(model, None, imgsz, param_hint="'MODEL'")
+    _check_model(model, None, imgsz if precision is Precision.INT8 else None, param_hint="'MODEL'")
     calibration = (Calibration(calib, calib_images, seed, imgsz, target.value)
                    if precision is Precision.INT8 else None)
     try:
