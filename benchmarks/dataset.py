@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bulkdet.store.atomic import write_json_atomic
+
 # Bump when the generated content changes, so old caches are rebuilt.
 GENERATOR_VERSION = 1
 MARKER = "bulkdet-dataset.json"
@@ -111,9 +113,7 @@ def _prepare(out_dir: Path, names: list[str]) -> None:
 
 
 def _write_marker(out_dir: Path, params: dict) -> None:
-    tmp = out_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(params))
-    tmp.replace(out_dir / MARKER)
+    write_json_atomic(params, out_dir / MARKER)
 
 
 def make_jpeg_mix(out_dir: str | Path, n: int, seed: int = 0, workers: int = 2) -> list[Path]:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from bulkdet.run.decode import Decoder
-from bulkdet.demo import draw_upright, random_rects
+from bulkdet.synthetic import draw_upright, random_rects
 from bulkdet.run.plan import Batch, letterbox
 
 

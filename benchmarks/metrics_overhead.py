@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import bulkdet.run.runner
-from bulkdet.demo import build_analytic_detector, random_rects, write_image
+from bulkdet.synthetic import build_analytic_detector, random_rects, write_image
 from bulkdet.run.metrics import STAGES, BatchTimes, MetricsRecorder
 from bulkdet.ingest.pack import pack
 from bulkdet.run.plan import Batch, letterbox

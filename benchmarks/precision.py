@@ -34,12 +34,12 @@ from benchmarks.dataset import make_jpeg_mix
 from benchmarks.yolov8n import ensure_model
 from bulkdet.run.decode import Decoder
 from bulkdet.engines import create_engine
-from bulkdet.model.info import file_sha256, load_model_info
+from bulkdet.model.info import load_model_info
 from bulkdet.ingest.pack import pack
 from bulkdet.run.plan import plan_batches
 from bulkdet.run.precision_check import Detector, check_precision, first_images
 from bulkdet.run.postprocess import postprocess
-from bulkdet.model.precision import Calibration, PreparedModel, prepare_model, with_nms
+from bulkdet.model.precision import Calibration, prepare_model, with_nms
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.shards import ShardReader
 
@@ -132,7 +132,7 @@ def main() -> None:
         results["model_only"][name]["vs_fp32"] = round(results["model_only"][name]["images_per_s"] / base, 3)
 
     # NMS in the model vs on the host: model time and host post-processing time, same batches.
-    nms_model = with_nms(PreparedModel(model, "fp32", "", file_sha256(model), False), CONF, IOU, MAX_DET, cache)
+    nms_model = with_nms(prepare_model(model, "fp32"), CONF, IOU, MAX_DET, cache)
     nc = len(info.names) or None
     nms_paths = {"host_nms": model, "nms_in_model": nms_model.path}
     results["nms_in_model"] = model_only(nms_paths, tensors, args.device, args.threads, args.reps)

@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bulkdet.demo import build_analytic_detector, make_demo_images
+from bulkdet.synthetic import build_analytic_detector, make_demo_images
 from bulkdet.ingest.pack import pack
 from bulkdet.results.report import summarize
 from bulkdet.run.runner import RunConfig, run

@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks.dataset import make_jpeg_mix, make_small_images
 from benchmarks.yolov8n import ensure_model
-from bulkdet.demo import build_analytic_detector
+from bulkdet.synthetic import build_analytic_detector
 from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, default_pixel_budget, plan
 from bulkdet.run.runner import default_threads, environment, usable_cores
 from bulkdet.store.manifest import read_manifest

@@ -25,7 +25,6 @@ BatchNorm is then fused into the convolutions, as exporters do.
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.dataset import photo_like
+from bulkdet.store.atomic import atomic_path
 
 # Bump when anything changes the exported model; it is part of the cache name.
 MODEL_VERSION = "v1"
@@ -359,37 +359,35 @@ def export_onnx(path: str | Path, seed: int = 0, opset: int = 17, verbose: bool 
               f"(unfused {count_params(YOLOv8n()):,}); "
               f"GFLOPs at 640x640: {count_flops(model) / 1e9:.2f}")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with warnings.catch_warnings():  # the legacy (TorchScript) exporter is chosen on purpose
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-                model, (torch.zeros(1, 3, 640, 640),), str(tmp), dynamo=False,
-            opset_version=opset, do_constant_folding=True,
-            input_names=["images"], output_names=["output0"],
-            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
-                          "output0": {0: "batch", 2: "anchors"}},
-        )
-    m = onnx.load(str(tmp))
-    # The tracer loses the static 84 through the dynamic reshapes; restore it.
-    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4 + NC
-    meta = {
-        "description": f"Random-weight YOLOv8n-architecture model for benchmarks "
-                       f"(bulkdet benchmarks.yolov8n {MODEL_VERSION}, seed {seed}); "
-                       f"detections are meaningless",
-        "author": "bulkdet benchmarks",
-        "version": MODEL_VERSION,
-        "task": "detect",
-        "stride": "32",
-        "imgsz": "[640, 640]",
-        "names": str(dict(enumerate(COCO_NAMES))),
-    }
-    for k, v in meta.items():
-        m.metadata_props.add(key=k, value=v)
-    onnx.checker.check_model(m)
-    onnx.save(m, str(tmp))
-    _check_onnx(tmp, verbose)
-    tmp.replace(path)  # atomic: a half-written file is never seen at `path`
+    with atomic_path(path, per_process=True) as tmp:  # a half-written file is never seen at `path`
+        with warnings.catch_warnings():  # the legacy (TorchScript) exporter is chosen on purpose
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                    model, (torch.zeros(1, 3, 640, 640),), str(tmp), dynamo=False,
+                opset_version=opset, do_constant_folding=True,
+                input_names=["images"], output_names=["output0"],
+                dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                              "output0": {0: "batch", 2: "anchors"}},
+            )
+        m = onnx.load(str(tmp))
+        # The tracer loses the static 84 through the dynamic reshapes; restore it.
+        m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4 + NC
+        meta = {
+            "description": f"Random-weight YOLOv8n-architecture model for benchmarks "
+                           f"(bulkdet benchmarks.yolov8n {MODEL_VERSION}, seed {seed}); "
+                           f"detections are meaningless",
+            "author": "bulkdet benchmarks",
+            "version": MODEL_VERSION,
+            "task": "detect",
+            "stride": "32",
+            "imgsz": "[640, 640]",
+            "names": str(dict(enumerate(COCO_NAMES))),
+        }
+        for k, v in meta.items():
+            m.metadata_props.add(key=k, value=v)
+        onnx.checker.check_model(m)
+        onnx.save(m, str(tmp))
+        _check_onnx(tmp, verbose)
     return path
 
 

@@ -149,11 +149,10 @@ def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint:
     """The model (and --names) read before anything is written: a file that is no ONNX detector,
     or names that do not fit its output, is a bad option value (exit 2), not a failed run.
     `imgsz`: warn once when it is rounded up to the model's stride (None: not used)."""
-    from bulkdet.engines import ENGINE_SUFFIXES
-    from bulkdet.model.info import check_names_fit, load_model_info, read_names_file
-    from bulkdet.run.plan import round_up
+    from bulkdet.model.info import check_names_fit, is_engine_file, load_model_info, read_names_file
+    from bulkdet.run.plan import model_input_hw
 
-    if model.suffix in ENGINE_SUFFIXES:
+    if is_engine_file(model):
         return  # read by TensorRT when the run starts (on the GPU)
     try:
         info = load_model_info(model)
@@ -166,7 +165,7 @@ def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint:
             raise typer.BadParameter(str(exc), param_hint="'--names'") from None
     if imgsz is not None and info.fixed_shape is None and imgsz % info.stride:
         log.warning("--imgsz %d is not a multiple of the model's stride %d: using %d (as Ultralytics does)",
-                    imgsz, info.stride, round_up(imgsz, info.stride))
+                    imgsz, info.stride, model_input_hw(imgsz, info.stride)[0])
 
 
 def _check_writable(path: Optional[Path], param_hint: str, folder: bool = False) -> None:
@@ -254,17 +253,20 @@ def run(
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.run.runner import RunConfig, run as do_run
-    from bulkdet.store.parts import ConfigMismatch
+    from bulkdet.store.lock import FolderInUse
+    from bulkdet.store.run_folder import RunFolderRefused
 
     if not use_ray and (ray_address or workers):
         raise typer.BadParameter("needs --ray", param_hint="'--ray-address' / '--workers'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
     _check_model(model, names, imgsz)
-    cfg = RunConfig(dataset_dir, model, out, device.value, backend.value, imgsz, max_batch, conf, iou, max_det,
-                    names, precision.value, overwrite, dali_threads, infer_threads, quiet=quiet,
+    cfg = RunConfig(dataset_dir, model, out, device=device.value, backend=backend.value, imgsz=imgsz,
+                    max_batch=max_batch, conf=conf, iou=iou, max_det=max_det, names=names,
+                    precision=precision.value, overwrite=overwrite,
+                    dali_threads=dali_threads, infer_threads=infer_threads, quiet=quiet,
                     commit_images=commit_every, retry_failed=retry_failed,
-                    check_precision=check_precision, calib_images=calib_images, cache_dir=cache_dir,
+                    precision_check_images=check_precision, calib_images=calib_images, cache_dir=cache_dir,
                     hw_decoder_load=hw_decoder_load, nms_in_model=nms_in_model,
                     pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers)
     try:
@@ -275,7 +277,7 @@ def run(
                 s = run_on_ray(cfg, ray_address, workers)
             else:
                 s = do_run(cfg)
-    except ConfigMismatch as exc:  # the command conflicts with what --out holds: a usage error
+    except (RunFolderRefused, FolderInUse) as exc:  # the command conflicts with what --out holds: a usage error
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -343,9 +345,8 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or the comparison) as JSON."),
 ):
     """Summarise a run: throughput, where the time went, padding, failures, detections per class."""
-    import pyarrow as pa
-
     from bulkdet.results.report import compare, print_compare, print_report, summarize
+    from bulkdet.store.parts import BrokenPart
 
     if len(run_dirs) > 2:
         raise typer.BadParameter("give one run folder, or two to compare", param_hint="'RUN_DIR'")
@@ -364,11 +365,7 @@ def report(
             from bulkdet.results.html_report import write_html
 
             typer.echo(f"HTML report: {write_html(run_dirs[0], html)}", err=as_json)
-    except pa.ArrowInvalid as exc:  # a Parquet part damaged after it was committed (truncated, overwritten)
-        typer.echo(f"error: cannot read the results in {' and '.join(map(str, run_dirs))}: {exc} "
-                   f"(a part damaged after the run: run the same `bulkdet run` command again to redo it)", err=True)
-        raise typer.Exit(EXIT_ERROR)
-    except (OSError, ValueError) as exc:  # e.g. no run.json, a disk error while writing --html
+    except (OSError, BrokenPart) as exc:  # no run.json, a damaged part, a disk error while writing --html
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
 
@@ -388,26 +385,11 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
 def demo(out: Path = typer.Option(Path("demo-out"), "--out", file_okay=False,
                                   help="Folder for the demo's data and results.")):
     """Generate synthetic images and an analytic detector, then pack, run and report."""
-    from bulkdet.demo import build_analytic_detector, compare_with_truth, make_demo_images
-    from bulkdet.ingest.pack import pack as do_pack
-    from bulkdet.results.report import print_report
-    from bulkdet.run.runner import RunConfig, run as do_run
-    from bulkdet.store.parts import read_detections
+    from bulkdet.demo import run_demo
 
     _setup_logging(False)
-    truth = make_demo_images(out / "images", n=48, truth_path=out / "truth.json")
-    model = build_analytic_detector(out / "analytic-rgb.onnx")
-    typer.echo(f"demo: {len(truth)} synthetic images and an analytic red/green/blue rectangle detector in {out}")
-    do_pack(out / "images", out / "dataset")
-    do_run(RunConfig(out / "dataset", model, out / "run", overwrite=True))
-    print_report(out / "run")
-    problems = compare_with_truth(truth, read_detections(out / "run").to_pylist())
-    n_rects = sum(len(t["rects"]) for t in truth)
-    if problems:
-        typer.echo(f"demo: {len(problems)} problem(s) against the known truth:\n  " + "\n  ".join(problems[:20]))
+    if run_demo(out, typer.echo):
         raise typer.Exit(EXIT_ERROR)
-    typer.echo(f"demo: all {n_rects} rectangles found with the right class and corners within tolerance, "
-               f"no extra boxes. Results: {out / 'run'}")
 
 
 def main():  # pragma: no cover

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bulkdet.cli import app
-from bulkdet.demo import build_analytic_detector, random_rects, write_image
+from bulkdet.synthetic import build_analytic_detector, random_rects, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bulkdet.demo import build_analytic_detector
+from bulkdet.model.info import model_metadata
+from bulkdet.synthetic import build_analytic_detector
 
 # Nodes of the analytic model that compute `diff` (channel minus max of the others).
 _ANALYTIC_COLOUR_TEST = ("Gather", "ReduceMax", "Sub")
@@ -45,7 +46,7 @@ def build_conv_detector(path: Path, scale_boxes: float = 1.0) -> Path:
                                   initializer=inits)
     new = helper.make_model(new_graph, opset_imports=list(model.opset_import), producer_name="bulkdet.tests")
     new.ir_version = model.ir_version
-    helper.set_model_props(new, {p.key: p.value for p in model.metadata_props})
+    helper.set_model_props(new, model_metadata(model))
     onnx.checker.check_model(new, full_check=True)
     onnx.save(new, str(path))
     return path

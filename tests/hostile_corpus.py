@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bulkdet.demo import draw_upright, random_rects
+from bulkdet.synthetic import draw_upright, random_rects
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

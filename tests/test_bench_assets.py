@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bulkdet.model.info import model_metadata
+
 # benchmarks/ is not an installed package; make it importable under plain `pytest`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import dataset  # noqa: E402
@@ -129,7 +131,7 @@ def test_onnx_metadata_like_ultralytics(model_path):
     import onnx
 
     m = onnx.load(str(model_path))
-    meta = {p.key: p.value for p in m.metadata_props}
+    meta = model_metadata(m)
     names = ast.literal_eval(meta["names"])
     assert len(names) == 80
     assert names[0] == "person" and names[79] == "toothbrush"

@@ -17,7 +17,7 @@ import ray
 
 from conftest import make_images
 
-from bulkdet.demo import compare_with_truth
+from bulkdet.synthetic import compare_with_truth
 from bulkdet.ingest.pack import pack
 from bulkdet.run.runner import RunConfig, run
 from bulkdet.store.parts import read_detections, read_images
@@ -161,11 +161,11 @@ def test_ray_resume_skips_committed_shards(ray_cluster, dataset, analytic_model,
 def test_resume_shard_removes_only_that_shards_leftovers(tmp_path):
     """What a worker killed between writing a detections part and its images part leaves behind."""
     from bulkdet.run.postprocess import Detections
-    from bulkdet.store.parts import RunSink, resume_shard
+    from bulkdet.store.run_folder import PartWriter, RunFolder
 
     (tmp_path / "images").mkdir()
     (tmp_path / "detections").mkdir()
-    sink = RunSink(tmp_path, {0: "red"}, {}, commit_images=2)
+    sink = PartWriter(tmp_path, {0: "red"}, {}, commit_images=2)
     det = Detections(np.array([[1, 2, 3, 4]], np.float32), np.array([0.9], np.float32), np.array([0]))
     for shard, ids in ((3, [10, 11]), (3, [12, 13]), (4, [20, 21])):
         sink.add_images(shard, ids, [f"{i}.jpg" for i in ids], [8, 8], [8, 8], ["ok", "ok"], [None, None], [det, det])
@@ -177,7 +177,7 @@ def test_resume_shard_removes_only_that_shards_leftovers(tmp_path):
     (tmp_path / "images" / "part-s00003-00002.parquet.tmp").write_bytes(b"torn")
     (tmp_path / "images" / "part-s00004-00001.parquet.tmp").write_bytes(b"torn")
 
-    assert resume_shard(tmp_path, 3) == {10, 11, 12, 13}
+    assert RunFolder(tmp_path).resume_shard(3) == {10, 11, 12, 13}
     assert not (tmp_path / "detections" / "part-s00003-00002.parquet").exists()
     assert not (tmp_path / "images" / "part-s00003-00002.parquet.tmp").exists()
     # Another worker's shard is left alone, even its leftovers (it may be writing them now).

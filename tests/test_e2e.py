@@ -3,7 +3,7 @@
 import duckdb
 import pyarrow.parquet as pq
 
-from bulkdet.demo import compare_with_truth
+from bulkdet.synthetic import compare_with_truth
 from conftest import make_images
 
 # 64 px to 2000 px, square, very tall, very wide, JPEG and PNG, EXIF orientations 1, 3, 6, 8.

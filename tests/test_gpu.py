@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conv_detector import build_conv_detector, packed_dataset
 
-from bulkdet.demo import compare_with_truth
+from bulkdet.synthetic import compare_with_truth
 from bulkdet.system.devices import probe
 from bulkdet.store.parts import read_detections
 

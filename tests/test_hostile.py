@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from bulkdet.run.decode import Decoder, pillow_letterbox
-from bulkdet.demo import compare_with_truth, draw_upright, random_rects, write_image
+from bulkdet.synthetic import compare_with_truth, draw_upright, random_rects, write_image
 from bulkdet.ingest.imageinfo import sniff
 from bulkdet.run.plan import Batch, letterbox
 from bulkdet.store.parts import read_detections, read_images

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import html
+import errno
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,9 +24,9 @@ import pytest
 from conftest import ROOT, make_images
 from PIL import Image
 
-from bulkdet.demo import write_image
-from bulkdet.demo import Rect
+from bulkdet.synthetic import Rect, write_image
 from bulkdet.results.html_report import PALETTE, draw_sample, write_html
+from bulkdet.store.atomic import temporary_path
 from bulkdet.store.parts import read_images
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -152,3 +154,14 @@ def test_html_without_the_dataset_says_why_there_are_no_samples(report, tmp_path
     page = write_html(moved, tmp_path / "r.html").read_text()
     assert "Samples not shown" in page and "gone" in page
     assert page.count('<figure class="plot"><svg') == 5
+
+
+def test_a_page_that_cannot_be_written_leaves_the_previous_one_whole(report, tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text("the previous page")
+    tmp = temporary_path(page, per_process=True)
+    os.symlink("/dev/full", tmp)  # writes there fail with ENOSPC
+    with pytest.raises(OSError) as info:
+        write_html(report / "run", page)
+    assert info.value.errno == errno.ENOSPC
+    assert page.read_text() == "the previous page" and not os.path.lexists(tmp)

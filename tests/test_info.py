@@ -9,43 +9,40 @@ import nvidia.dali
 import onnxruntime as ort
 import pytest
 
-from bulkdet.system.info import probe
+from bulkdet.system.info import Library, probe_machine
 
 HAS_GPU_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
-def _backend(p: dict, name: str) -> dict:
-    return next(b for b in p["backends"] if b["name"].startswith(name))
-
-
 def test_probe_reports_what_the_libraries_say():
-    p = probe()
-    assert p["dali"]["version"] == nvidia.dali.__version__
-    assert p["dali"]["devices"][0] == "cpu"
-    assert p["onnxruntime"]["version"] == ort.__version__
-    assert p["onnxruntime"]["providers"] == ort.get_available_providers()
-    cpu = _backend(p, "onnxruntime on cpu")
-    assert cpu["available"] and cpu["why_not"] is None
-    assert _backend(p, "dali decode on cpu")["available"]
-    for b in p["backends"]:  # every unavailable backend says why
-        assert b["available"] or b["why_not"], b
+    m = probe_machine()
+    assert m.dali.version == nvidia.dali.__version__
+    assert m.dali.devices[0] == "cpu"
+    assert m.onnxruntime.version == ort.__version__
+    assert m.onnxruntime.providers == ort.get_available_providers()
+    assert m.backends.onnxruntime_cpu.available and m.backends.onnxruntime_cpu.why_not is None
+    assert m.backends.dali_cpu.available
+    for b in m.backends:  # every unavailable backend says why, and an available one gives no reason
+        assert b.available != bool(b.why_not), b
+    assert [b.name for b in m.backends] == ["onnxruntime on cpu", "onnxruntime on gpu (CUDAExecutionProvider)",
+                                            "tensorrt", "dali decode on cpu", "dali decode on gpu (mixed)"]
 
 
 def test_probe_says_why_gpu_backends_are_unavailable():
-    p = probe()
+    m = probe_machine()
     if not HAS_GPU_EP:
-        why = _backend(p, "onnxruntime on gpu")["why_not"]
+        why = m.backends.onnxruntime_gpu.why_not
         assert "not in this onnxruntime build" in why and "pip install bulkdet[gpu]" in why
-        assert "CUDAExecutionProvider" in p["onnxruntime"]["unavailable"]
+        assert "CUDAExecutionProvider" in m.onnxruntime.unavailable
     if not HAS_TENSORRT:
-        assert p["tensorrt"] == {"version": None, "error": "not installed (pip install bulkdet[gpu])"}
-        assert not _backend(p, "tensorrt")["available"]
-    if not p["gpu"]["gpus"]:
-        assert p["gpu"]["error"]  # e.g. "no NVIDIA driver (libnvidia-ml.so not found)"
-        mixed = _backend(p, "dali decode on gpu")
-        assert not mixed["available"] and "no GPU" in mixed["why_not"]
-        assert p["dali"]["devices"] == ["cpu"]
+        assert m.tensorrt == Library(None, "not installed (pip install bulkdet[gpu])")
+        assert not m.backends.tensorrt.available
+    if not m.gpu.gpus:
+        assert m.gpu.error  # e.g. "no NVIDIA driver (libnvidia-ml.so not found)"
+        mixed = m.backends.dali_gpu
+        assert not mixed.available and "no GPU" in mixed.why_not
+        assert m.dali.devices == ["cpu"]
 
 
 def test_cli_info_prints_versions_and_reasons(cli):
@@ -58,13 +55,19 @@ def test_cli_info_prints_versions_and_reasons(cli):
         assert "pip install bulkdet[gpu]" in r.output  # rich markup must not eat "[gpu]"
     r = cli("info", "--json")
     assert r.exit_code == 0
-    assert json.loads(r.output)["onnxruntime"]["providers"] == ort.get_available_providers()
+    data = json.loads(r.output)
+    assert data["onnxruntime"]["providers"] == ort.get_available_providers()
+    assert data["dali"]["version"] == nvidia.dali.__version__ and data["dali"]["devices"][0] == "cpu"
+    assert data["tensorrt"].keys() == {"version", "error"}
+    backends = {b["name"]: b for b in data["backends"]}  # a list of rows, as `bulkdet info` shows them
+    assert backends["onnxruntime on cpu"] == {"name": "onnxruntime on cpu", "available": True, "why_not": None}
+    assert len(backends) == 5 and all(b["available"] != bool(b["why_not"]) for b in backends.values())
 
 
 @pytest.mark.gpu
 def test_info_lists_the_gpu_with_name_and_memory():
-    p = probe()
-    assert p["gpu"]["gpus"], p["gpu"]["error"]
-    g = p["gpu"]["gpus"][0]
-    assert g["name"] and g["memory_total_gib"] > 0
-    assert "gpu:0" in p["dali"]["devices"]
+    m = probe_machine()
+    assert m.gpu.gpus, m.gpu.error
+    g = m.gpu.gpus[0]
+    assert g.name and g.memory_total_gib > 0
+    assert "gpu:0" in m.dali.devices

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper
 
-from bulkdet.demo import compare_with_truth
+from bulkdet.synthetic import compare_with_truth
 from conftest import make_images
 
 

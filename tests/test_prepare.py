@@ -10,8 +10,8 @@ import pytest
 from conv_detector import build_conv_detector, packed_dataset
 from onnx import TensorProto, helper
 
-from bulkdet.demo import compare_with_truth
-from bulkdet.model.info import load_model_info
+from bulkdet.synthetic import compare_with_truth
+from bulkdet.model.info import load_model_info, model_metadata
 from bulkdet.run.plan import plan_batches
 from bulkdet.run.postprocess import Detections
 from bulkdet.run.precision_check import DriftReport, check_precision, first_images, match
@@ -80,7 +80,7 @@ def test_int8_is_symmetric_qdq_that_runs_on_cpu(conv_model, int8_model):
     # The box arithmetic after the Conv stays float: only the Conv's neighbours are quantized.
     quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert quantized <= {"images", "diff", "excess_w"}, quantized
-    calib = json.loads({p.key: p.value for p in model.metadata_props}["bulkdet.calibration"])
+    calib = json.loads(model_metadata(model)["bulkdet.calibration"])
     assert calib["images"] == 6 and calib["input_hw"] == [IMGSZ, IMGSZ]
     x = _letterboxed()
     np.testing.assert_allclose(_run(prepared.path, x), _run(conv_model, x), atol=1.0)

@@ -16,7 +16,7 @@ from conftest import make_images
 from bulkdet.run.metrics import STAGES, metrics_schema
 from bulkdet.run.plan import default_pixel_budget, letterbox, plan
 from bulkdet.run.progress import Progress
-from bulkdet.results.report import summarize, timing_summary
+from bulkdet.results.report import HINTS, summarize, timing_summary
 from bulkdet.store.parts import read_detections, read_images
 from bulkdet.store.manifest import read_manifest
 
@@ -236,19 +236,24 @@ def test_run_logs_device_and_progress_and_quiet_silences_it(runs, analytic_model
     assert not [rec for rec in caplog.records if rec.getMessage().startswith("run: ")]
 
 
-def test_recorder_without_a_file_writes_all_rows_at_once(tmp_path):
+def test_recorder_without_a_file_keeps_rows_that_fit_the_file():
     from bulkdet.run.metrics import BatchTimes, MetricsRecorder
     from bulkdet.run.plan import Batch
 
     w, h = np.array([640, 100], np.int32), np.array([480, 400], np.int32)
     batch = Batch(7, 0, np.array([1, 2]), ["a", "b"], [b"", b""], w, h, (320, 320), letterbox(w, h, 320, 320))
     times = BatchTimes({s: 1.0 for s in STAGES}, {s: 1.5 for s in STAGES}, {s: 0 for s in STAGES})
-    rec = MetricsRecorder("cpu", run_id="x")
+    rec = MetricsRecorder("cpu", run_id="x")  # a Ray worker's: the rows go back to the driver
     rec.record(batch, times, failed=1, encoded_bytes=10)
-    rec.write(tmp_path / "m.parquet")
-    row = pq.read_table(tmp_path / "m.parquet").to_pylist()[0]
+    assert rec.close() is None
+    (row,) = pa.Table.from_pylist(rec.rows, schema=metrics_schema()).to_pylist()
     assert (row["batch_id"], row["batch_size"], row["failed"], row["encoded_bytes"]) == (7, 2, 1, 10)
     # 640x480 -> 320x240 and 100x400 -> 80x320 inside 320x320.
     assert row["padding_pixels"] == 2 * 320 * 320 - (320 * 240 + 80 * 320)
     assert row["infer_s"] == pytest.approx(0.5)
     assert rec.stage_totals() == {s: pytest.approx(0.5) for s in STAGES}
+
+
+def test_every_stage_has_a_hint():
+    """The report names what to try for the busiest stage: for every stage, and only for stages."""
+    assert list(HINTS) == list(STAGES)

@@ -17,8 +17,8 @@ import onnxruntime as ort
 import pyarrow as pa
 import pytest
 
-import bulkdet.store.parts
-from bulkdet.store.atomic import TMP_SUFFIX, write_parquet_atomic
+import bulkdet.store.run_folder
+from bulkdet.store.atomic import TMP_SUFFIX, copy_atomic, write_parquet_atomic
 from bulkdet.engines.onnxruntime import OnnxRuntimeEngine
 from bulkdet.run.oom import HalvingInfer, OutOfMemory, is_out_of_memory
 from bulkdet.store.parts import images_parts, read_detections, read_images
@@ -115,9 +115,21 @@ def test_atomic_write_on_a_full_disk_leaves_nothing_behind(tmp_path):
     assert not target.exists() and not os.path.lexists(tmp_path / ("part.parquet" + TMP_SUFFIX))
 
 
+def test_a_copy_into_a_users_folder_takes_no_file_of_theirs_for_its_temporary(tmp_path):
+    """Outside bulkdet's own folders (prepare --out, report --html, the cache) the temporary name
+    holds the process id: a user's `model.onnx.tmp` is not overwritten, nor removed."""
+    theirs = tmp_path / "out" / ("model.onnx" + TMP_SUFFIX)
+    theirs.parent.mkdir()
+    theirs.write_text("the user's")
+    source = tmp_path / "source.onnx"
+    source.write_bytes(b"model bytes")
+    assert copy_atomic(source, tmp_path / "out" / "model.onnx", per_process=True).read_bytes() == b"model bytes"
+    assert theirs.read_text() == "the user's"
+    assert sorted(p.name for p in theirs.parent.iterdir()) == ["model.onnx", "model.onnx" + TMP_SUFFIX]
+
 def _disk_full_at(monkeypatch, call: int) -> None:
     """The `call`-th part write of the run goes to a full device (a real ENOSPC)."""
-    real = bulkdet.store.parts.write_parquet_atomic
+    real = bulkdet.store.run_folder.write_parquet_atomic
     calls = []
 
     def write(table, path, **kwargs):
@@ -126,7 +138,7 @@ def _disk_full_at(monkeypatch, call: int) -> None:
             os.symlink("/dev/full", path.with_name(path.name + TMP_SUFFIX))
         return real(table, path, **kwargs)
 
-    monkeypatch.setattr(bulkdet.store.parts, "write_parquet_atomic", write)
+    monkeypatch.setattr(bulkdet.store.run_folder, "write_parquet_atomic", write)
 
 
 @pytest.mark.parametrize("failing_write", [5, 6])  # a detections part; an images part (the commit)
@@ -143,6 +155,7 @@ def test_disk_full_exits_1_keeps_committed_parts_and_resumes(small_dataset, anal
     committed = (failing_write - 1) // 2  # two writes per part: detections, then images
     assert len(images_parts(out)) == committed
     assert not list(out.rglob(f"*{TMP_SUFFIX}"))  # the partial file was removed at once
+    assert json.loads((out / "run.json").read_text())["state"] == "failed"
     assert len(read_images(out)) > 0  # what was committed is readable
 
     monkeypatch.undo()

@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bulkdet.demo import draw_upright, random_rects
+from bulkdet.synthetic import draw_upright, random_rects
 from bulkdet.ingest.pack import pack
 from bulkdet.run.runner import RunConfig, run
-from bulkdet.store.parts import prepare_run_dir, read_detections, read_images
+from bulkdet.store.parts import read_detections, read_images
+from bulkdet.store.run_folder import RunFolder
 from conftest import ROOT, make_images
 
 # Small and fast: tiny images and input, and a commit every 2 images, so a run makes many
@@ -164,7 +165,8 @@ def test_resume_after_a_kill_between_the_two_renames(dataset, baseline, analytic
 
     # What resume finds: the orphan detections part and the temporary files are gone, and the
     # lost images are not counted as done (so they are redone, whatever part names come next).
-    done = prepare_run_dir(out, json.loads((out / "fingerprint.json").read_text()), overwrite=False)
+    with RunFolder.open(out, json.loads((out / "fingerprint.json").read_text())) as folder:
+        done = folder.done
     assert not (out / "detections" / last.name).exists() and not list(out.rglob("*.tmp"))
     assert done == {r["image_id"] for r in results(baseline)[0]} - lost_ids
 

@@ -1,20 +1,15 @@
 """Inference backends behind one small interface (see base.Engine)."""
 
-from pathlib import Path
-
 from bulkdet.engines.base import Engine
-
-ENGINE_SUFFIXES = (".engine", ".plan")  # serialized TensorRT engines
+from bulkdet.model.info import is_engine_file, load_model_info
 
 
 def model_info(path, names_file=None):
     """ModelInfo of an ONNX model, or of a serialized TensorRT engine (read with TensorRT)."""
-    if Path(path).suffix in ENGINE_SUFFIXES:
+    if is_engine_file(path):
         from bulkdet.engines.tensorrt import engine_model_info
 
         return engine_model_info(path, names_file)
-    from bulkdet.model.info import load_model_info
-
     return load_model_info(path, names_file)
 
 

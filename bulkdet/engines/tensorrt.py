@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -30,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from bulkdet.engines.base import InputSlot
+from bulkdet.model.info import ModelInfo, file_sha256, is_engine_file, load_model_info, parse_names
+from bulkdet.store.atomic import write_bytes_atomic, write_json_atomic
+from bulkdet.store.cache import cache_dir as default_cache_dir
 
 log = logging.getLogger("bulkdet")
 
@@ -145,15 +147,8 @@ def build_engine(onnx_path: Path, profiles: list[Profile], timing_cache: Path) -
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    write_bytes_atomic(bytes(config.get_timing_cache().serialize()), timing_cache, per_process=True)
     return bytes(plan)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def engine_profiles(engine, input_name: str) -> list[Profile]:
@@ -175,7 +170,7 @@ class TensorRTEngine:
         self.provider = f"TensorRT {trt.__version__} on {gpu_name} (sm{cc[0]}{cc[1]})"
         model_path = Path(model_path)
         runtime = trt.Runtime(_logger())
-        if model_path.suffix in (".engine", ".plan"):  # given by the user: loaded as it is
+        if is_engine_file(model_path):  # given by the user: loaded as it is
             self.engine = runtime.deserialize_cuda_engine(model_path.read_bytes())
             if self.engine is None:
                 raise RuntimeError(f"{model_path} does not load in TensorRT {trt.__version__} on {gpu_name}: "
@@ -204,9 +199,6 @@ class TensorRTEngine:
         self.ring = cuda.InputRing(ring_slots, int(np.prod(largest)), self.input_dtype, device_id)
 
     def _cached_or_built(self, trt, runtime, onnx_path, shapes, cache_dir, gpu_name, cc, onnx_sha256):
-        from bulkdet.model.info import file_sha256, load_model_info
-        from bulkdet.model.precision import cache_dir as default_cache_dir
-
         info = load_model_info(onnx_path)
         profiles = optimization_profiles(shapes or [], (info.batch, info.height, info.width))
         folder = default_cache_dir(cache_dir) / "tensorrt"
@@ -219,11 +211,11 @@ class TensorRTEngine:
                 return engine
             log.warning("cached engine %s does not load here: building it again", path)
         plan = build_engine(onnx_path, profiles, timing_cache_path(folder, trt.__version__, gpu_name, cc))
-        _write_atomic(path, plan)
-        _write_atomic(path.with_suffix(".json"), json.dumps(
-            {"onnx": str(onnx_path), "key": key, "tensorrt": trt.__version__, "gpu": gpu_name,
-             "compute_capability": list(cc), "profiles": [asdict(p) for p in profiles],
-             "names": info.names, "stride": info.stride, "end2end": info.end2end}, indent=1).encode())
+        write_bytes_atomic(plan, path, per_process=True)
+        write_json_atomic({"onnx": str(onnx_path), "key": key, "tensorrt": trt.__version__, "gpu": gpu_name,
+                           "compute_capability": list(cc), "profiles": [asdict(p) for p in profiles],
+                           "names": info.names, "stride": info.stride, "end2end": info.end2end},
+                          path.with_suffix(".json"), per_process=True)
         engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise RuntimeError(f"TensorRT built an engine for {onnx_path} it cannot load")
@@ -284,10 +276,8 @@ class TensorRTEngine:
         self.stream.close()
 
 
-def engine_model_info(path: Path, names_file: Path | None = None):
+def engine_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
     """ModelInfo for a serialized engine: I/O from the engine, names from --names or the engine's sidecar."""
-    from bulkdet.model.info import ModelInfo, file_sha256, parse_names
-
     trt = _trt()
     path = Path(path)
     engine = trt.Runtime(_logger()).deserialize_cuda_engine(path.read_bytes())

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bulkdet.model.info import model_metadata, parse_names
+
 MIN_OPSET = 13  # Unsqueeze with axes as an input
 NMS_VERSION = 1  # bump when the appended graph changes: cached models are made again
 
@@ -33,7 +35,7 @@ def add_nms(source: Path, out: Path, conf: float, iou: float, max_det: int) -> N
     graph = model.graph
     raw = graph.output[0]
     dims = [d.dim_value if d.HasField("dim_value") else None for d in raw.type.tensor_type.shape.dim]
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = model_metadata(model)
     if len(dims) != 3 or str(meta.get("end2end", "")).lower() == "true":
         raise ValueError(f"{source}: NMS in the model needs a raw YOLOv8 output [B, 4+nc, N], got {dims}")
     nc = _classes(model, dims)
@@ -49,14 +51,12 @@ def add_nms(source: Path, out: Path, conf: float, iou: float, max_det: int) -> N
 
 def _classes(model: onnx.ModelProto, dims: list) -> int:
     """nc from the output's shape (after shape inference when exporters leave it out), else the names."""
-    from bulkdet.model.info import parse_names
-
     if dims[1] is None:
         inferred = onnx.shape_inference.infer_shapes(model).graph.output[0]
         dims = [d.dim_value if d.HasField("dim_value") else None for d in inferred.type.tensor_type.shape.dim]
     if dims and dims[1] is not None and dims[1] > 4:
         return dims[1] - 4
-    names = parse_names({p.key: p.value for p in model.metadata_props}.get("names", ""))
+    names = parse_names(model_metadata(model).get("names", ""))
     if not names:
         raise ValueError("NMS in the model: the number of classes is neither in the output shape nor in the names")
     return len(names)

@@ -1,4 +1,4 @@
-"""What an ONNX detector is: input spec, stride, class names, output layout."""
+"""What a model file is: an ONNX detector (input spec, stride, class names, output layout) or a TensorRT engine."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ import onnx
 from google.protobuf.message import DecodeError
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+ENGINE_SUFFIXES = (".engine", ".plan")  # serialized TensorRT engines; any other file is read as ONNX
+
+
+def is_engine_file(path: Path) -> bool:
+    """A serialized TensorRT engine (built for one TensorRT and GPU), not an ONNX model."""
+    return Path(path).suffix in ENGINE_SUFFIXES
+
+
+def model_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The ONNX model's key-value metadata: class names, stride, and what bulkdet did to it."""
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -122,7 +133,7 @@ def check_names_fit(names: dict[int, str], output_dims, end2end: bool, source: s
 def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
     path = Path(path)
     model = read_onnx(path)
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = model_metadata(model)
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:

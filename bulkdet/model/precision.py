@@ -13,8 +13,9 @@ TensorRT 10/11 and ONNX Runtime (CPU and CUDA):
   file runs on the CPU too), "cpu" = uint8 activations with zero points (the fast x86 path of
   ONNX Runtime, and closer to FP32 after SiLU, whose outputs are mostly positive).
 
-Prepared files are cached under `cache_dir()/models`, named by a key over everything that
-changes their content (see `cache_key`); a second `prepare` or `run` finds them there.
+Prepared files are cached under `cache_dir()/models` (bulkdet/store/cache.py), named by a key
+over everything that changes their content (see `cache_key`); a second `prepare` or `run` finds
+them there. What comes back is a `ModelFile`: the file that runs and how it was made.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -36,8 +36,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bulkdet.choices import Int8Target, Precision
-from bulkdet.store.atomic import write_json_atomic
-from bulkdet.model.info import file_sha256, read_onnx
+from bulkdet.model.graph_nms import NMS_VERSION, add_nms
+from bulkdet.model.info import file_sha256, is_engine_file, load_model_info, model_metadata, read_onnx
+from bulkdet.run.plan import model_input_hw, plan_batches
+from bulkdet.store.atomic import commit, copy_atomic, write_json_atomic
+from bulkdet.store.cache import cache_dir
 
 log = logging.getLogger("bulkdet")
 
@@ -62,15 +65,6 @@ INT8_SCHEMES = {Int8Target.GPU: {"activations": "QInt8", "symmetric": True},
 FP16_BLOCKED_CASTS = frozenset({onnx.TensorProto.FLOAT})
 
 
-def cache_dir(explicit: Path | None = None) -> Path:
-    """--cache-dir, else $BULKDET_CACHE_DIR, else $XDG_CACHE_HOME/bulkdet (~/.cache/bulkdet)."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("BULKDET_CACHE_DIR"):
-        return Path(os.environ["BULKDET_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bulkdet"
-
-
 @dataclass(frozen=True)
 class Calibration:
     """Which images calibrate INT8: N images of a packed dataset, drawn with a seed."""
@@ -83,21 +77,27 @@ class Calibration:
 
 
 @dataclass(frozen=True)
-class PreparedModel:
+class ModelFile:
+    """The model file that runs, and how it was made from the user's model (its source)."""
+
     path: Path
-    precision: str
+    precision: str  # fp32 | fp16 | int8, or "engine" for a serialized TensorRT engine
     source_sha256: str
     sha256: str
     cached: bool  # True when found in the cache, False when made now (or fp32: the source itself)
     calibration: dict | None = None  # the sample INT8 was calibrated on
     nms: bool = False  # NMS appended to the graph (with_nms)
 
+    def as_dict(self) -> dict:
+        """Plain data for run.json."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
 
 def model_precision(model: onnx.ModelProto | Path) -> str | None:
     """The precision a prepared file declares in its metadata (None: not prepared by bulkdet)."""
     if not isinstance(model, onnx.ModelProto):
         model = read_onnx(model)
-    return {p.key: p.value for p in model.metadata_props}.get(META_PRECISION)
+    return model_metadata(model).get(META_PRECISION)
 
 
 def cache_key(source_sha256: str, precision: str, calibration: dict | None, tools: dict) -> str:
@@ -108,14 +108,14 @@ def cache_key(source_sha256: str, precision: str, calibration: dict | None, tool
 
 
 def prepare_model(source: Path, precision: str, calibration: Calibration | None = None,
-                  cache: Path | None = None) -> PreparedModel:
-    """The model at `precision`, from the cache or made now (and cached)."""
+                  cache: Path | None = None) -> ModelFile:
+    """The model at `precision`, from the cache or made now (and cached): what `bulkdet prepare` does."""
     source = Path(source)
     precision = Precision.parse(precision, "precision").value
     source_sha = file_sha256(source)
     declared = model_precision(source)
     if precision == "fp32" or declared == precision:
-        return PreparedModel(source, precision, source_sha, source_sha, cached=False)
+        return ModelFile(source, precision, source_sha, source_sha, cached=False)
     if declared:
         raise ValueError(f"{source} is already prepared as {declared}; prepare {precision} from the fp32 model")
     sample = None
@@ -137,8 +137,8 @@ def prepare_model(source: Path, precision: str, calibration: Calibration | None 
     provenance = {"source": str(source), "source_sha256": source_sha, "precision": precision, "key": key,
                   "tools": tools, "calibration": sample and {**sample.identity, "dataset": str(calibration.dataset)}}
     path, cached = _cached(cache, f"{source.stem}.{label}.{key[:16]}.onnx", make, provenance)
-    return PreparedModel(path, precision, source_sha, file_sha256(path), cached=cached,
-                         calibration=sample and sample.identity)
+    return ModelFile(path, precision, source_sha, file_sha256(path), cached=cached,
+                     calibration=sample and sample.identity)
 
 
 def _cached(cache: Path | None, name: str, make, provenance: dict) -> tuple[Path, bool]:
@@ -153,50 +153,40 @@ def _cached(cache: Path | None, name: str, make, provenance: dict) -> tuple[Path
     with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as tmp:
         tmp_model = Path(tmp) / "model.onnx"
         make(tmp_model)
-        os.replace(tmp_model, path)  # atomic: the cache never holds a half-written model
-    write_json_atomic(provenance, path.with_suffix(".json"))
+        commit(tmp_model, path)  # the cache never holds a half-written model
+    write_json_atomic(provenance, path.with_suffix(".json"), per_process=True)
     return path, False
 
 
-def with_nms(prepared: PreparedModel, conf: float, iou: float, max_det: int,
-             cache: Path | None = None) -> PreparedModel:
-    """The prepared model with NMS appended (bulkdet/model/graph_nms.py), cached like the others."""
-    from bulkdet.model.graph_nms import NMS_VERSION, add_nms
-
+def with_nms(model: ModelFile, conf: float, iou: float, max_det: int, cache: Path | None = None) -> ModelFile:
+    """The model file with NMS appended (bulkdet/model/graph_nms.py), cached like the others."""
     params = {"conf": conf, "iou": iou, "max_det": max_det}
-    key = cache_key(prepared.sha256, prepared.precision + "+nms", params, {"graph_nms": NMS_VERSION})
-    stem = Path(prepared.path).name.split(".")[0]
-    provenance = {"model": str(prepared.path), "model_sha256": prepared.sha256, "nms": params, "key": key}
-    path, cached = _cached(cache, f"{stem}.{prepared.precision}-nms.{key[:16]}.onnx",
-                           lambda tmp: add_nms(prepared.path, tmp, conf, iou, max_det), provenance)
-    return dataclasses.replace(prepared, path=path, sha256=file_sha256(path), cached=cached, nms=True)
+    key = cache_key(model.sha256, model.precision + "+nms", params, {"graph_nms": NMS_VERSION})
+    stem = Path(model.path).name.split(".")[0]
+    provenance = {"model": str(model.path), "model_sha256": model.sha256, "nms": params, "key": key}
+    path, cached = _cached(cache, f"{stem}.{model.precision}-nms.{key[:16]}.onnx",
+                           lambda tmp: add_nms(model.path, tmp, conf, iou, max_det), provenance)
+    return dataclasses.replace(model, path=path, sha256=file_sha256(path), cached=cached, nms=True)
 
 
-def prepare_for_run(model: Path, precision: str, dataset: Path, calib_images: int, imgsz: int,
-                    cache: Path | None = None, device: str = "gpu") -> PreparedModel:
+def model_for_run(model: Path, precision: str, dataset: Path, calib_images: int, imgsz: int,
+                  cache: Path | None = None, device: str = "gpu") -> ModelFile:
     """What `run --precision` runs: INT8 calibrates on the run's own dataset at the run's input size,
     in the scheme of the device it runs on."""
-    from bulkdet.engines import ENGINE_SUFFIXES
-
     model = Path(model)
-    if model.suffix in ENGINE_SUFFIXES:
+    if is_engine_file(model):
         if precision != "fp32":
             raise ValueError("a TensorRT engine's precision was fixed when it was built: "
                              "--precision applies to ONNX models")
         sha = file_sha256(model)
-        return PreparedModel(model, "engine", sha, sha, cached=False)
+        return ModelFile(model, "engine", sha, sha, cached=False)
     calibration = Calibration(Path(dataset), calib_images, imgsz=imgsz, target=device) if precision == "int8" else None
     return prepare_model(model, precision, calibration, cache)
 
 
-def export_prepared(prepared: PreparedModel, out: Path) -> Path:
-    """Copy a prepared model to `out` (temp file + rename)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.copyfile(prepared.path, tmp)
-    os.replace(tmp, out)
-    return out
+def export_prepared(model: ModelFile, out: Path) -> Path:
+    """`prepare --out`: a copy of the prepared model, written atomically."""
+    return copy_atomic(model.path, out, per_process=True)
 
 
 # ------------------------------------------------------------------------------------ FP16
@@ -242,7 +232,6 @@ class CalibrationSample:
 def calibration_sample(calibration: Calibration, model_path: Path) -> CalibrationSample:
     """N decodable images of the dataset, drawn with the seed; identified by their content hashes."""
     Int8Target.parse(calibration.target, "int8 target")
-    from bulkdet.model.info import load_model_info
     from bulkdet.store.manifest import read_manifest
 
     info = load_model_info(model_path)
@@ -255,8 +244,7 @@ def calibration_sample(calibration: Calibration, model_path: Path) -> Calibratio
         log.warning("calibrating INT8 on %d images: all the dataset has", n)
     chosen = np.sort(np.random.default_rng(calibration.seed).choice(len(ok), size=n, replace=False))
     rows = ok.take(pa.array(chosen))
-    stride = info.stride
-    input_hw = info.fixed_shape or (-(-calibration.imgsz // stride) * stride,) * 2
+    input_hw = model_input_hw(calibration.imgsz, info.stride, info.fixed_shape)
     keys = sorted(k.hex() for k in rows.column("key").to_pylist())
     identity = {"images": n, "seed": calibration.seed, "input_hw": list(input_hw), "target": calibration.target,
                 "content_sha256": hashlib.sha256("".join(keys).encode()).hexdigest()}
@@ -268,7 +256,6 @@ class _DatasetReader:
 
     def __init__(self, sample: CalibrationSample, input_name: str):
         from bulkdet.run.decode import Decoder
-        from bulkdet.run.plan import plan_batches
         from bulkdet.store.shards import ShardReader
 
         self.input_name = input_name
@@ -354,15 +341,10 @@ def _tool_versions(precision: str) -> dict:
 def _stamp(path: Path, source: Path, source_sha: str, precision: str, calibration: dict | None) -> None:
     """Keep the source's metadata (class names, stride) and say what was done to the model."""
     model = onnx.load(str(path))
-    src_meta = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
-    meta = {**src_meta, **{p.key: p.value for p in model.metadata_props}, META_PRECISION: precision,
-            META_SOURCE: source_sha}
+    src_meta = model_metadata(onnx.load(str(source), load_external_data=False))
+    meta = {**src_meta, **model_metadata(model), META_PRECISION: precision, META_SOURCE: source_sha}
     if calibration:
         meta[META_CALIBRATION] = json.dumps(calibration, sort_keys=True)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, meta)
     onnx.save(model, str(path))
-
-
-def describe(prepared: PreparedModel) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(prepared).items()}

@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from bulkdet.run.metrics import read_metrics
-from bulkdet.results.report import read_run_json, summarize, timeline
-from bulkdet.store.parts import detections_parts, images_parts
+from bulkdet.results.report import summarize, timeline
+from bulkdet.store.atomic import write_text_atomic
+from bulkdet.store.parts import iter_detections, iter_images, read_metrics, read_run_json
 
 N_SAMPLES = 6
 LABELLED_BOXES = 15  # boxes with a text label per sample (the highest scores); the rest are outlines only
@@ -155,13 +154,11 @@ def plot_scores(s: dict) -> str:
 
 def pick_samples(run_dir: Path, k: int = N_SAMPLES) -> list[dict]:
     """Up to k images with detections, spread evenly over the run (by image id)."""
-    rows = []
-    for part in images_parts(run_dir):
-        t = pq.read_table(part, columns=["image_id", "path", "width", "height", "n_det", "status"])
-        rows.append(t.filter(pc.and_(pc.equal(t.column("status"), "ok"), pc.greater(t.column("n_det"), 0))))
+    rows = list(iter_images(run_dir, ["image_id", "path", "width", "height", "n_det", "status"],
+                            filter=(pc.field("status") == "ok") & (pc.field("n_det") > 0)))
     if not rows:
         return []
-    found = pa.concat_tables(rows).sort_by("image_id")
+    found = pa.Table.from_batches(rows).sort_by("image_id")
     if not len(found):
         return []
     picks = np.unique(np.linspace(0, len(found) - 1, min(k, len(found))).round().astype(int))
@@ -170,10 +167,9 @@ def pick_samples(run_dir: Path, k: int = N_SAMPLES) -> list[dict]:
 
 def sample_boxes(run_dir: Path, image_ids: list[int]) -> dict[int, list[dict]]:
     boxes: dict[int, list[dict]] = {i: [] for i in image_ids}
-    for part in detections_parts(run_dir):
-        t = pq.read_table(part, columns=["image_id", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"],
-                          filters=[("image_id", "in", image_ids)])
-        for row in t.to_pylist():
+    for batch in iter_detections(run_dir, ["image_id", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"],
+                                 filter=pc.field("image_id").isin(image_ids)):
+        for row in batch.to_pylist():
             boxes[row["image_id"]].append(row)
     return boxes
 
@@ -313,7 +309,5 @@ def render_html(run_dir: Path) -> str:
 
 
 def write_html(run_dir: Path, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(run_dir), encoding="utf-8")
-    return path
+    """The page, written atomically: a failure never leaves half a page at `path`."""
+    return write_text_atomic(render_html(run_dir), path, per_process=True)

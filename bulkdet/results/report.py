@@ -16,26 +16,23 @@ short is measured over its whole span instead, and the report says so.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bulkdet.run.metrics import read_metrics, stages_of
-from bulkdet.store.parts import IMAGES_SCHEMA, detections_parts, images_parts
+from bulkdet.run.metrics import stages_of
+from bulkdet.store.parts import iter_detections, iter_images, read_metrics, read_run_json
 
 FIRST_FAILURES = 3  # paths shown per failure status
 SCORE_BINS = 50  # score histogram bins over 0..1
 MIN_STEADY_BATCHES = 16  # batches after the first one out, to measure a steady rate (see above)
-# What to try when a stage is the busiest one.
+# What to try when a stage is the busiest one: one hint per name of metrics.STAGES.
 HINTS = {
     "read": "reading shards: faster storage, or fewer, larger reads (bigger batches)",
     "decode": "decoding: more --dali-threads, or --device gpu (nvJPEG / hardware JPEG decoder)",
@@ -43,13 +40,6 @@ HINTS = {
     "postprocess": "post-processing: a higher --conf or lower --max-det keeps fewer candidates",
     "write": "writing Parquet: a faster disk for --out",
 }
-
-
-def read_run_json(run_dir: Path) -> dict:
-    path = Path(run_dir) / "run.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run folder made by `bulkdet run`?")
-    return json.loads(path.read_text())
 
 
 def summarize(run_dir: Path) -> dict:
@@ -74,15 +64,14 @@ def summarize(run_dir: Path) -> dict:
 
 def image_counts(run_dir: Path) -> dict:
     """Images by status, and the first few paths of each failure status."""
-    parts = images_parts(run_dir)
-    if not parts:
-        return {"images": 0, "ok": 0, "failed": 0, "by_status": {}, "first_failures": {}}
-    images = pads.dataset([str(p) for p in parts], schema=IMAGES_SCHEMA, format="parquet")
-    counts = images.to_table(columns=["status"]).column("status").value_counts().to_pylist()
-    by_status = dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda kv: -kv[1]))
+    by_status: Counter = Counter()
+    for batch in iter_images(run_dir, ["status"]):
+        for c in batch.column("status").value_counts().to_pylist():
+            by_status[c["values"]] += c["counts"]
+    by_status = dict(by_status.most_common())
     first: dict[str, list[dict]] = {s: [] for s in by_status if s != "ok"}
     if first:
-        for batch in images.to_batches(columns=["path", "status", "error"], filter=pc.field("status") != "ok"):
+        for batch in iter_images(run_dir, ["path", "status", "error"], filter=pc.field("status") != "ok"):
             for row in batch.to_pylist():
                 if len(first[row["status"]]) < FIRST_FAILURES:
                     first[row["status"]].append({"path": row["path"], "error": row["error"]})
@@ -98,15 +87,14 @@ def detection_counts(run_dir: Path) -> dict:
     per_class: Counter = Counter()
     hist = np.zeros(SCORE_BINS, np.int64)
     edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
-    for part in detections_parts(run_dir):
-        for batch in pq.ParquetFile(part).iter_batches(columns=["class_name", "score"]):
-            names = batch.column("class_name")
-            if isinstance(names.type, pa.DictionaryType):
-                names = names.dictionary_decode()
-            for c in names.value_counts().to_pylist():
-                per_class[str(c["values"])] += c["counts"]
-            scores = np.clip(batch.column("score").to_numpy(zero_copy_only=False), 0.0, 1.0)
-            hist += np.histogram(scores, bins=edges)[0]
+    for batch in iter_detections(run_dir, ["class_name", "score"]):
+        names = batch.column("class_name")
+        if isinstance(names.type, pa.DictionaryType):
+            names = names.dictionary_decode()
+        for c in names.value_counts().to_pylist():
+            per_class[str(c["values"])] += c["counts"]
+        scores = np.clip(batch.column("score").to_numpy(zero_copy_only=False), 0.0, 1.0)
+        hist += np.histogram(scores, bins=edges)[0]
     return {"detections": int(sum(per_class.values())), "per_class": dict(per_class.most_common()),
             "score_hist": {"edges": edges.round(4).tolist(), "counts": hist.tolist()}}
 

@@ -1,14 +1,14 @@
 """`bulkdet run --ray`: one run over many GPUs and machines, by shard, exactly once.
 
-The driver (this process) prepares RUN_DIR once (fingerprint, resume, run.json), writes the
-rows of images that have no stored bytes, then hands out shards one at a time: a worker that
+The driver (this process) runs `runner.run` with this module's executor: the run folder is
+opened, resumed and finished exactly as for a local run; the executor hands out shards one at a time: a worker that
 finishes a shard gets the next one, so fast and slow workers both stay busy. A worker is a
 Ray actor that builds its engine and decoder once, then runs each shard through the same
 stages as a local run and commits its parts through the same sink.
 
 A worker that dies is restarted by Ray, which retries the shard it was on; the retry first
 drops the shard's uncommitted leftovers and skips the images it already committed
-(`resume_shard`), so every image ends in exactly one committed row.
+(`RunFolder.resume_shard`), so every image ends in exactly one committed row.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,9 @@ from bulkdet.system.devices import select as select_device
 from bulkdet.run.metrics import MetricsRecorder
 from bulkdet.model.info import ModelInfo
 from bulkdet.run.progress import Progress
-from bulkdet.run.runner import (RunConfig, RunSummary, ShardProcessor, add_unstored, finish_run, pa_array,
-                            prepare_run, run_stages)
-from bulkdet.store.parts import RunSink, resume_shard
+from bulkdet.run.runner import (ExecResult, RunConfig, RunJob, RunSummary, ShardProcessor, pa_array, run,
+                                run_stages)
+from bulkdet.store.run_folder import RunFolder
 
 log = logging.getLogger("bulkdet")
 MAX_RESTARTS = 3  # per worker; each restart retries the shard the worker was on
@@ -60,23 +61,20 @@ class ShardWorker:
         return self.shard, self.count.done, self.count.bytes, self.count.failed
 
     def process_shard(self, shard: int, rows: pa.Table, metadata: dict) -> dict:
-        """Runs one shard's rows (status ok) and commits them; returns its metrics and counts."""
-        committed = resume_shard(self.cfg.out, shard)  # non-empty when this is a retry
+        """Runs one shard's rows (bytes stored) and commits them; returns its metrics and counts."""
+        folder = RunFolder(self.cfg.out)  # the driver holds the folder's lock
+        committed = folder.resume_shard(shard)  # non-empty when this is a retry
         if committed:
             rows = rows.filter(pc.invert(pc.is_in(rows.column("image_id"), pa_array(committed))))
         self.shard, self.count = shard, Progress(len(rows), quiet=True)
         worker = {"bulkdet.worker": f"{socket.gethostname()}:{os.getpid()}"}  # in each part's metadata
-        sink = RunSink(self.cfg.out, self.processor.model.names, {**metadata, **worker}, self.cfg.commit_images)
         metrics = MetricsRecorder(self.processor.device)  # in memory: the rows go back to the driver
-        fallback_before, splits_before = self.processor.fallback_decoded, self.processor.infer.splits
-        try:
-            run_stages(self.processor, rows, sink, metrics, self.count)
-        finally:
-            sink.close()
+        with folder.writer(self.processor.model.names, {**metadata, **worker}, self.cfg.commit_images) as writer:
+            result = run_stages(self.processor, rows, writer, metrics, self.count)
         return {"shard": shard, "images": len(rows), "bytes": self.count.bytes, "failed": self.count.failed,
                 "pid": os.getpid(), "host": socket.gethostname(), "t0_wall": _wall_time(metrics.t0),
-                "metrics": metrics.rows, "fallback_decoded": self.processor.fallback_decoded - fallback_before,
-                "oom_splits": self.processor.infer.splits - splits_before}
+                "metrics": metrics.rows, "fallback_decoded": result.fallback_decoded,
+                "oom_splits": result.oom_splits, "plan": result.plan}
 
 
 def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None = None) -> RunSummary:
@@ -86,17 +84,17 @@ def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None =
     # Workers may run on other machines: they need paths that mean the same there (shared storage).
     cfg = replace(cfg, **{k: Path(v).absolute() for k in ("dataset", "model", "out", "names")
                           if (v := getattr(cfg, k)) is not None})
-    prepared = prepare_run(cfg)
-    sink = RunSink(cfg.out, prepared.model.names, prepared.metadata, cfg.commit_images)
-    try:
-        add_unstored(sink, prepared.unstored)
-    finally:
-        sink.close()
-    shards = split_by_shard(prepared.todo)
-    # All workers' batches go into one metrics.parquet, on this process's clock.
-    metrics = MetricsRecorder(cfg.device, cfg.out / "metrics.parquet", prepared.run_json["run_id"])
-    t0_wall = _wall_time(metrics.t0)
+    return run(cfg, execute=partial(execute_on_ray, address=address, workers=workers))
 
+
+def execute_on_ray(job: RunJob, todo: pa.Table, folder: RunFolder, address: str | None,
+                   workers: int | None) -> ExecResult:
+    """The rows left, shard by shard, on Ray workers that commit into `folder`."""
+    cfg = job.cfg
+    shards = split_by_shard(todo)
+    # All workers' batches go into one metrics.parquet, on this process's clock.
+    metrics = MetricsRecorder(cfg.device, folder.metrics_path, job.run_id)
+    t0_wall = _wall_time(metrics.t0)
     counts = {"fallback_decoded": 0, "oom_splits": 0}  # summed over the workers' shards
 
     def collect(result: dict) -> None:
@@ -107,17 +105,15 @@ def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None =
                            for k, v in row.items()} for row in result["metrics"]])
 
     redone, workers_info, device = set(), [], cfg.device
-    try:
+    with metrics:
         if shards:  # else everything was committed before: nothing for Ray to do
-            redone, workers_info, device = _run_shards(cfg, prepared, shards, address, workers, collect)
-    finally:
-        metrics.close()
+            redone, workers_info, device = _run_shards(cfg, job, shards, address, workers, collect)
     first = workers_info[0] if workers_info else {}
-    return finish_run(cfg, prepared, metrics, counts["fallback_decoded"], counts["oom_splits"],
-                      device=first.get("device", device),
-                      backend=first.get("backend"), provider=first.get("provider"),
-                      ray={"address": address, "workers": workers_info, "shards": len(shards),
-                           "redone_shards": sorted(redone)})
+    return ExecResult(metrics.stage_totals(), counts["fallback_decoded"], counts["oom_splits"],
+                      {"device": first.get("device", device), "backend": first.get("backend"),
+                       "provider": first.get("provider"),
+                       "ray": {"address": address, "workers": workers_info, "shards": len(shards),
+                               "redone_shards": sorted(redone)}})
 
 
 def _wall_time(perf_t: float) -> float:
@@ -126,7 +122,7 @@ def _wall_time(perf_t: float) -> float:
     return time.time() - (time.perf_counter() - perf_t)
 
 
-def _run_shards(cfg: RunConfig, prepared, shards: dict[int, pa.Table], address: str | None,
+def _run_shards(cfg: RunConfig, job: RunJob, shards: dict[int, pa.Table], address: str | None,
                 workers: int | None, collect):
     import ray
 
@@ -135,10 +131,10 @@ def _run_shards(cfg: RunConfig, prepared, shards: dict[int, pa.Table], address: 
         ray.init(address=address, log_to_driver=not cfg.quiet,
                  logging_level=logging.WARNING if cfg.quiet else logging.INFO)
     try:
-        pool = _start_workers(ray, cfg, prepared.model, workers)
-        progress = Progress(len(prepared.todo), quiet=cfg.quiet)
+        pool = _start_workers(ray, cfg, job.model, workers)
+        progress = Progress(sum(len(rows) for rows in shards.values()), quiet=cfg.quiet)
         try:
-            redone = _schedule(ray, pool, shards, prepared.metadata, progress, collect)
+            redone = _schedule(ray, pool, shards, job.metadata, progress, collect)
         finally:
             progress.close()
             for actor in pool.actors:

@@ -19,16 +19,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bulkdet.store.atomic import TMP_SUFFIX, write_parquet_atomic
-from bulkdet.store.atomic import _commit as commit_file
+from bulkdet.store.atomic import commit, temporary_path
 
 log = logging.getLogger("bulkdet")
 
+# The stages of `bulkdet run`, in pipeline order: the one list of their names (the runner's
+# pipeline, the metrics columns and the report's hints follow it).
 STAGES = ("read", "decode", "infer", "postprocess", "write")
 FLUSH_ROWS = 1024  # rows held in memory before they become one Parquet row group
 
 
-def metrics_schema(stages=STAGES) -> pa.Schema:
+def metrics_schema() -> pa.Schema:
     fields = [
         ("run_id", pa.string()),  # the invocation of `bulkdet run` (a resumed run has several)
         ("batch_id", pa.int64()),
@@ -43,9 +44,9 @@ def metrics_schema(stages=STAGES) -> pa.Schema:
         ("input_pixels", pa.int64()),  # batch_size * input_h * input_w: what the engine computed
         ("padding_pixels", pa.int64()),  # input_pixels minus the letterboxed image area
     ]
-    for stage in stages:  # seconds since the invocation started; busy = end - start
+    for stage in STAGES:  # seconds since the invocation started; busy = end - start
         fields += [(f"{stage}_start", pa.float64()), (f"{stage}_end", pa.float64()), (f"{stage}_s", pa.float64())]
-    for stage in stages:  # batches waiting in the stage's input queue when it took this one
+    for stage in STAGES:  # batches waiting in the stage's input queue when it took this one
         fields.append((f"{stage}_queue", pa.int32()))
     return pa.schema(fields)
 
@@ -63,26 +64,27 @@ class BatchTimes:
 
 
 class MetricsRecorder:
-    """Collects one row per batch; `path` given: streams them to that Parquet file.
+    """Collects one row per batch; `path` given: streams them to that Parquet file, else keeps
+    them in `rows` (a Ray worker hands them to the driver).
 
     `close()` commits the file (fsync, rename); until then the previous metrics.parquet, if
     any, is untouched, and its rows are carried over into the new file first.
     """
 
-    def __init__(self, device: str, path: Path | None = None, run_id: str = "", stages=STAGES):
+    def __init__(self, device: str, path: Path | None = None, run_id: str = ""):
         self.device = device
         self.run_id = run_id
-        self.stages = tuple(stages)
-        self.schema = metrics_schema(self.stages)
+        self.schema = metrics_schema()
         self.t0 = time.perf_counter()
         self.rows: list[dict] = []
-        self.totals = dict.fromkeys(self.stages, 0.0)
+        self.totals = dict.fromkeys(STAGES, 0.0)
         self.batches = 0
         self.path = Path(path) if path is not None else None
         self._writer = None
         self._written = 0  # rows in the file so far
+        self._tmp = None
         if self.path is not None:
-            self._tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
+            self._tmp = temporary_path(self.path)
             self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
             self._carry_over_previous()
 
@@ -111,7 +113,7 @@ class MetricsRecorder:
             "input_pixels": input_pixels, "padding_pixels": input_pixels - image_pixels,
         }
         t0 = self.t0
-        for stage in self.stages:
+        for stage in STAGES:
             start = times.start.get(stage)
             end = times.end.get(stage)
             busy = end - start if start is not None and end is not None else 0.0
@@ -129,7 +131,7 @@ class MetricsRecorder:
         """Rows recorded by another process (a Ray worker), already on this recorder's clock."""
         for row in rows:
             self.rows.append({**row, "run_id": self.run_id, "batch_id": self.batches})
-            for stage in self.stages:
+            for stage in STAGES:
                 self.totals[stage] += row[f"{stage}_s"]
             self.batches += 1
             if self._writer is not None and len(self.rows) >= FLUSH_ROWS:
@@ -144,14 +146,20 @@ class MetricsRecorder:
     def stage_totals(self) -> dict[str, float]:
         return dict(self.totals)
 
-    def table(self) -> pa.Table:
-        """The rows still held in memory (all of them when there is no file)."""
-        return pa.Table.from_pylist(self.rows, schema=self.schema)
+    def __enter__(self) -> "MetricsRecorder":
+        return self
 
-    def write(self, path: Path) -> None:
-        """All rows at once, for a recorder made without a path (streaming ones use close())."""
-        if self._writer is None and self.rows:
-            write_parquet_atomic(self.table(), path)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Commits the rows measured, also after a failure (a resumed run's report shows them);
+        when that write fails too (the disk is full), its temporary file goes and the error that
+        stopped the run is the one reported."""
+        try:
+            self.close()
+        except OSError:
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
+            if exc is None:
+                raise
 
     def close(self) -> Path | None:
         """Write what is left and put the file in place; a run with no batch writes nothing new."""
@@ -163,13 +171,7 @@ class MetricsRecorder:
         if self._written == 0:
             self._tmp.unlink()
             return None
-        return commit_file(self._tmp, self.path)
-
-
-def read_metrics(run_dir: Path) -> pa.Table | None:
-    """metrics.parquet of a run folder, or None when the run recorded no batch."""
-    path = Path(run_dir) / "metrics.parquet"
-    return pq.read_table(path) if path.exists() else None
+        return commit(self._tmp, self.path)
 
 
 def stages_of(table: pa.Table) -> list[str]:

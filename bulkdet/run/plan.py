@@ -68,6 +68,16 @@ def round_up(x, m: int):
     return -(-x // m) * m
 
 
+def model_input_hw(imgsz: int, stride: int = DEFAULT_STRIDE,
+                   fixed_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The model's full input (H, W): its fixed shape, else imgsz rounded up to the stride on both
+    sides. Images are resized to fit it; a bucket is this or narrower on one side."""
+    if fixed_hw:
+        return int(fixed_hw[0]), int(fixed_hw[1])
+    side = int(round_up(int(imgsz), stride))
+    return side, side
+
+
 def bucket_shapes(new_w: np.ndarray, new_h: np.ndarray, side: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """(input_h, input_w) of each image's bucket: its resized size rounded up to the stride."""
     return (np.minimum(round_up(new_h, stride), side).astype(np.int32),
@@ -79,8 +89,8 @@ def input_shapes(imgsz: int, stride: int = DEFAULT_STRIDE, fixed_hw: tuple[int, 
     stride, short side any multiple of the stride), or the fixed shape. For engines that size
     buffers or optimisation profiles ahead of the data."""
     if fixed_hw:
-        return [tuple(fixed_hw)]
-    side = round_up(int(imgsz), stride)
+        return [model_input_hw(imgsz, stride, fixed_hw)]
+    side, _ = model_input_hw(imgsz, stride)
     short = range(stride, side + 1, stride)
     return sorted({(side, s) for s in short} | {(s, side) for s in short})
 
@@ -102,7 +112,7 @@ class Batch:
 
 
 @dataclass
-class Plan:
+class BatchPlan:
     """Batches in run order, made on demand; `stats` says what the buckets saved.
 
     Rows of `table` are in run order: batch i is rows starts[i]:starts[i+1].
@@ -153,7 +163,7 @@ def default_pixel_budget(device: str, side: int, max_batch: int) -> int:
 
 def plan(images: pa.Table, imgsz: int = 640, max_batch: int = 32, *, stride: int = DEFAULT_STRIDE,
          pixel_budget: int | None = None, decode_budget: int | None = None,
-         fixed_hw: tuple[int, int] | None = None) -> Plan:
+         fixed_hw: tuple[int, int] | None = None) -> BatchPlan:
     """Bucket and batch `images` (manifest rows with image_id, shard, width, height, path, key).
 
     `fixed_hw`: the model's input shape is fixed, so every image is letterboxed to it (one
@@ -164,13 +174,12 @@ def plan(images: pa.Table, imgsz: int = 640, max_batch: int = 32, *, stride: int
     shard = _column(images, "shard").astype(np.int64)
     width = _column(images, "width").astype(np.int32)
     height = _column(images, "height").astype(np.int32)
-    side = round_up(int(imgsz), stride)
-    square_hw = tuple(fixed_hw) if fixed_hw else (side, side)
+    square_hw = model_input_hw(imgsz, stride, fixed_hw)
     new_w, new_h = fit_size(width, height, *square_hw)  # buckets resize exactly as square does
     if fixed_hw:
         in_h, in_w = np.full(len(images), square_hw[0], np.int32), np.full(len(images), square_hw[1], np.int32)
     else:
-        in_h, in_w = bucket_shapes(new_w, new_h, side, stride)
+        in_h, in_w = bucket_shapes(new_w, new_h, square_hw[0], stride)
 
     # Run order: shard, then bucket, then image_id (so a batch never spans two shards).
     order = np.lexsort((_column(images, "image_id"), in_w, in_h, shard))
@@ -180,7 +189,7 @@ def plan(images: pa.Table, imgsz: int = 640, max_batch: int = 32, *, stride: int
     original = width.astype(np.int64) * height
     starts, cut_by = _cut(shard, in_h, in_w, original, max_batch, pixel_budget, decode_budget)
 
-    result = Plan(table, _column(table, "image_id").astype(np.int64), shard, width, height, new_w, new_h,
+    result = BatchPlan(table, _column(table, "image_id").astype(np.int64), shard, width, height, new_w, new_h,
                   starts, np.stack([in_h[starts[:-1]], in_w[starts[:-1]]], 1).astype(np.int32))
     square_image_pixels = int((new_w.astype(np.int64) * new_h).sum())
     result.stats = {
@@ -221,7 +230,7 @@ def _cut(shard, in_h, in_w, original, max_batch: int, pixel_budget: int | None,
     return np.asarray(starts, np.int64), cut_by
 
 
-def _stats(p: Plan, square_hw: tuple[int, int], square_image_pixels: int, original: np.ndarray) -> dict:
+def _stats(p: BatchPlan, square_hw: tuple[int, int], square_image_pixels: int, original: np.ndarray) -> dict:
     """Padding waste (padded / computed pixels) of this plan and of square letterboxing."""
     n = len(p.image_id)
     sizes = p.batch_sizes()

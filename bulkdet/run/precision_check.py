@@ -203,7 +203,7 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
                                         out_dtype=reference_engine.input_dtype, hw_decoder_load=cfg.hw_decoder_load)
         post = (len(model.names) or None, cfg.conf, cfg.iou, cfg.max_det)
         reference_end2end = load_model_info(cfg.model).end2end  # the FP32 source: no NMS in it (usually)
-        batches = first_images(plan_batches(todo, processor.input_hw, processor.max_batch), cfg.check_precision)
+        batches = first_images(plan_batches(todo, processor.input_hw, processor.max_batch), cfg.precision_check_images)
         reader = processor.reader
         report = check_precision(batches, lambda b: reader.get_many(b.shard, b.keys),
                                  Detector(reference_engine, reference_decoder, *post, reference_end2end),

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bulkdet.choices import Backend, Device
-from bulkdet.engines import ENGINE_SUFFIXES
-from bulkdet.system.info import GPU_EXTRA
+from bulkdet.model.info import is_engine_file
+from bulkdet.system.info import GPU_EXTRA, probe_machine
 
 log = logging.getLogger("bulkdet")
 
@@ -67,36 +67,30 @@ class Selection:
 def probe() -> GpuStatus:
     """Every part of the GPU path on this machine, from `bulkdet info`'s probes (NVML for the GPUs,
     a one-node session for ONNX Runtime's CUDA provider, imports for the rest)."""
-    from bulkdet.system.info import probe as probe_machine
-
     found = probe_machine()
-    gpus = found["gpu"]["gpus"]
-    usable = {b["name"]: b for b in found["backends"]}
+    gpus, usable, trt = found.gpu.gpus, found.backends, found.tensorrt
     missing = {}
     if not gpus:
-        missing["driver"] = found["gpu"]["error"] or "no GPU"
-    mixed = usable["dali decode on gpu (mixed)"]
-    if gpus and not mixed["available"]:
-        missing["dali"] = f"DALI cannot decode on the GPU: {mixed['why_not']}"
-    if not found["cuda_python"]["version"]:
+        missing["driver"] = found.gpu.error or "no GPU"
+    if gpus and not usable.dali_gpu.available:
+        missing["dali"] = f"DALI cannot decode on the GPU: {usable.dali_gpu.why_not}"
+    if not found.cuda_python.version:
         missing["cuda-python"] = "no cuda-python (cuda.bindings)"
-    ort_cuda = usable["onnxruntime on gpu (CUDAExecutionProvider)"]
-    if not ort_cuda["available"]:
-        missing["onnxruntime"] = f"onnxruntime's CUDA provider: {ort_cuda['why_not']}"
-    trt = found["tensorrt"]
-    if not trt["version"] or trt["error"]:
-        missing["tensorrt"] = f"TensorRT: {trt['error']}"
-    first = gpus[0] if gpus else {}
-    cc = tuple(int(v) for v in first["compute_capability"].split(".")) if first else None
-    return GpuStatus(len(gpus), first.get("name"), cc, ort_cuda["available"], trt["version"] if not trt["error"]
-                     else None, missing)
+    if not usable.onnxruntime_gpu.available:
+        missing["onnxruntime"] = f"onnxruntime's CUDA provider: {usable.onnxruntime_gpu.why_not}"
+    if not trt.version or trt.error:
+        missing["tensorrt"] = f"TensorRT: {trt.error}"
+    first = gpus[0] if gpus else None
+    cc = tuple(int(v) for v in first.compute_capability.split(".")) if first else None
+    return GpuStatus(len(gpus), first.name if first else None, cc, usable.onnxruntime_gpu.available,
+                     trt.version if not trt.error else None, missing)
 
 
 def select(device: str = "auto", backend: str = "auto", model: Path | None = None,
            status: GpuStatus | None = None) -> Selection:
     """Resolve auto choices; DeviceError names what is missing for an explicit GPU request."""
     device, backend = Device.parse(device, "--device").value, Backend.parse(backend, "--backend").value
-    is_engine = model is not None and Path(model).suffix in ENGINE_SUFFIXES
+    is_engine = model is not None and is_engine_file(model)
     if is_engine and backend == "onnxruntime":
         raise DeviceError(f"{model} is a TensorRT engine: it runs with --backend tensorrt only")
     if is_engine:

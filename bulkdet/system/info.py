@@ -12,10 +12,96 @@ import importlib.metadata
 import os
 import platform
 import sys
+from dataclasses import asdict, dataclass, field, fields
 
 from bulkdet import __version__
 
 GPU_EXTRA = "pip install bulkdet[gpu]"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    memory_total_gib: float
+    memory_free_gib: float
+    compute_capability: str  # "9.0"
+
+
+@dataclass(frozen=True)
+class Gpus:
+    """GPUs as the driver lists them, or why none can be listed."""
+
+    gpus: list[Gpu]
+    error: str | None
+    driver: str | None = None
+    cuda_driver: str | None = None
+
+
+@dataclass(frozen=True)
+class Library:
+    """A library as this machine has it."""
+
+    version: str | None  # None: not installed, or not loadable
+    error: str | None = None  # why bulkdet cannot use it (None: it can)
+
+
+@dataclass(frozen=True)
+class Dali(Library):
+    build: str | None = None  # the nvidia-dali-cudaXXX distribution
+    devices: list[str] = field(default_factory=list)
+    mixed_decode: bool = False  # DALI can decode on the GPU
+    mixed_decode_why_not: str | None = None
+
+
+@dataclass(frozen=True)
+class OnnxRuntime(Library):
+    distribution: str | None = None  # onnxruntime or onnxruntime-gpu
+    providers: list[str] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)  # GPU provider -> why it cannot run
+
+
+@dataclass(frozen=True)
+class Usable:
+    """One backend or decode stage: can bulkdet use it here, and if not, why."""
+
+    name: str  # as `bulkdet info` shows it
+    available: bool
+    why_not: str | None
+
+
+@dataclass(frozen=True)
+class Backends:
+    """What `bulkdet info` lists under "what bulkdet can use here", one row per backend or decode stage."""
+
+    onnxruntime_cpu: Usable
+    onnxruntime_gpu: Usable
+    tensorrt: Usable
+    dali_cpu: Usable
+    dali_gpu: Usable
+
+    def __iter__(self):
+        return (getattr(self, f.name) for f in fields(self))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Everything `bulkdet info` shows."""
+
+    bulkdet: str
+    python: str
+    platform: str
+    cpu_count: int | None
+    gpu: Gpus
+    dali: Dali
+    onnxruntime: OnnxRuntime
+    tensorrt: Library
+    cuda_python: Library
+    backends: Backends
+
+    def as_dict(self) -> dict:
+        """Plain data: the --json output (`backends` a list, in the order shown)."""
+        return {**asdict(self), "backends": [asdict(b) for b in self.backends]}
 
 
 def _dist_version(name: str) -> str | None:
@@ -25,31 +111,29 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def probe_gpus() -> dict:
+def probe_gpus() -> Gpus:
     """GPUs as the driver sees them: name, memory; or why none can be listed."""
     try:
         import pynvml
     except ImportError:
-        return {"gpus": [], "error": "nvidia-ml-py not installed, GPUs cannot be listed"}
+        return Gpus([], "nvidia-ml-py not installed, GPUs cannot be listed")
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError_LibraryNotFound:
-        return {"gpus": [], "error": "no NVIDIA driver (libnvidia-ml.so not found)"}
+        return Gpus([], "no NVIDIA driver (libnvidia-ml.so not found)")
     except pynvml.NVMLError as exc:
-        return {"gpus": [], "error": f"NVIDIA driver present but not usable: {exc}"}
+        return Gpus([], f"NVIDIA driver present but not usable: {exc}")
     try:
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            gpus.append({"index": i, "name": _text(pynvml.nvmlDeviceGetName(h)),
-                         "memory_total_gib": round(mem.total / 2**30, 1), "memory_free_gib": round(mem.free / 2**30, 1),
-                         "compute_capability": f"{major}.{minor}"})
+            gpus.append(Gpu(i, _text(pynvml.nvmlDeviceGetName(h)), round(mem.total / 2**30, 1),
+                            round(mem.free / 2**30, 1), f"{major}.{minor}"))
         cuda = pynvml.nvmlSystemGetCudaDriverVersion()
-        return {"gpus": gpus, "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
-                "cuda_driver": f"{cuda // 1000}.{cuda % 1000 // 10}",
-                "error": None if gpus else "NVIDIA driver loaded, but it lists no GPU"}
+        return Gpus(gpus, None if gpus else "NVIDIA driver loaded, but it lists no GPU",
+                    _text(pynvml.nvmlSystemGetDriverVersion()), f"{cuda // 1000}.{cuda % 1000 // 10}")
     finally:
         pynvml.nvmlShutdown()
 
@@ -58,12 +142,12 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def probe_dali(n_gpus: int) -> dict:
+def probe_dali(n_gpus: int) -> Dali:
     try:
         import nvidia.dali
         import nvidia.dali.backend as dali_backend
     except ImportError as exc:
-        return {"version": None, "error": f"not installed or not loadable: {exc}"}
+        return Dali(None, f"not installed or not loadable: {exc}")
     builds = [d for d in ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110") if _dist_version(d)]
     try:
         visible = int(dali_backend.GetCUDADeviceCount())
@@ -72,16 +156,16 @@ def probe_dali(n_gpus: int) -> dict:
         why = f"DALI cannot query CUDA: {exc}"
     else:
         why = None if visible else ("no GPU visible to DALI" + ("" if n_gpus else " (no NVIDIA driver / GPU)"))
-    return {"version": nvidia.dali.__version__, "build": builds[0] if builds else None,
-            "devices": ["cpu"] + [f"gpu:{i}" for i in range(visible)],
-            "mixed_decode": visible > 0, "mixed_decode_why_not": why}
+    return Dali(nvidia.dali.__version__, build=builds[0] if builds else None,
+                devices=["cpu"] + [f"gpu:{i}" for i in range(visible)],
+                mixed_decode=visible > 0, mixed_decode_why_not=why)
 
 
-def probe_onnxruntime(n_gpus: int) -> dict:
+def probe_onnxruntime(n_gpus: int) -> OnnxRuntime:
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        return {"version": None, "error": f"not installed or not loadable: {exc}"}
+        return OnnxRuntime(None, f"not installed or not loadable: {exc}")
     providers = ort.get_available_providers()
     dist = "onnxruntime-gpu" if _dist_version("onnxruntime-gpu") else "onnxruntime"
     why = {}
@@ -92,8 +176,8 @@ def probe_onnxruntime(n_gpus: int) -> dict:
             why[ep] = "in this build, but no GPU found"
         else:
             why[ep] = _session_check(ort, ep)
-    return {"version": ort.__version__, "distribution": dist, "providers": providers,
-            "unavailable": {k: v for k, v in why.items() if v}}
+    return OnnxRuntime(ort.__version__, distribution=dist, providers=providers,
+                       unavailable={k: v for k, v in why.items() if v})
 
 
 def _session_check(ort, provider: str) -> str | None:
@@ -113,84 +197,82 @@ def _session_check(ort, provider: str) -> str | None:
     return None
 
 
-def probe_tensorrt(n_gpus: int) -> dict:
+def probe_tensorrt(n_gpus: int) -> Library:
     try:
         import tensorrt
     except ImportError:
-        return {"version": None, "error": f"not installed ({GPU_EXTRA})"}
+        return Library(None, f"not installed ({GPU_EXTRA})")
     except Exception as exc:  # noqa: BLE001 - e.g. libnvinfer missing
-        return {"version": None, "error": f"installed but not loadable: {exc}"}
-    return {"version": tensorrt.__version__, "error": None if n_gpus else "installed, but no GPU found"}
+        return Library(None, f"installed but not loadable: {exc}")
+    return Library(tensorrt.__version__, None if n_gpus else "installed, but no GPU found")
 
 
-def probe_cuda_python() -> dict:
+def probe_cuda_python() -> Library:
     version = _dist_version("cuda-bindings") or _dist_version("cuda-python")
-    return {"version": version, "error": None if version else f"not installed ({GPU_EXTRA})"}
+    return Library(version, None if version else f"not installed ({GPU_EXTRA})")
 
 
-def probe() -> dict:
-    """Everything `bulkdet info` shows, as plain data (also its --json output)."""
+def _usable(name: str, why_not: str | None) -> Usable:
+    return Usable(name, why_not is None, why_not)
+
+
+def probe_machine() -> Machine:
+    """Every library and device that bulkdet can use here, and why not where it cannot."""
     gpu = probe_gpus()
-    n_gpus = len(gpu["gpus"])
+    n_gpus = len(gpu.gpus)
     dali = probe_dali(n_gpus)
     ort = probe_onnxruntime(n_gpus)
     trt = probe_tensorrt(n_gpus)
     cuda_python = probe_cuda_python()
-    ort_cpu_why = None if "CPUExecutionProvider" in ort.get("providers", []) else ort.get("error", "no CPU provider")
-    trt_why = trt["error"] or (None if cuda_python["version"] else f"needs cuda-python: {cuda_python['error']}")
-    backends = [
-        {"name": "onnxruntime on cpu", "available": ort_cpu_why is None, "why_not": ort_cpu_why},
-        {"name": "onnxruntime on gpu (CUDAExecutionProvider)",
-         "available": "CUDAExecutionProvider" in ort.get("providers", []) and not ort.get("unavailable", {}).get(
-             "CUDAExecutionProvider"),
-         "why_not": ort.get("unavailable", {}).get("CUDAExecutionProvider", ort.get("error"))},
-        {"name": "tensorrt", "available": trt_why is None, "why_not": trt_why},
-        {"name": "dali decode on cpu", "available": dali.get("version") is not None, "why_not": dali.get("error")},
-        {"name": "dali decode on gpu (mixed)", "available": bool(dali.get("mixed_decode")),
-         "why_not": dali.get("mixed_decode_why_not", dali.get("error"))},
-    ]
-    for b in backends:
-        if b["available"]:
-            b["why_not"] = None
-    return {"bulkdet": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "gpu": gpu, "dali": dali, "onnxruntime": ort, "tensorrt": trt,
-            "cuda_python": cuda_python, "backends": backends}
+    ort_cpu_why = None if "CPUExecutionProvider" in ort.providers else ort.error or "no CPU provider"
+    ort_gpu_why = ort.unavailable.get("CUDAExecutionProvider", ort.error)
+    trt_why = trt.error or (None if cuda_python.version else f"needs cuda-python: {cuda_python.error}")
+    dali_gpu_why = dali.error or dali.mixed_decode_why_not
+    backends = Backends(
+        onnxruntime_cpu=_usable("onnxruntime on cpu", ort_cpu_why),
+        onnxruntime_gpu=_usable("onnxruntime on gpu (CUDAExecutionProvider)", ort_gpu_why),
+        tensorrt=_usable("tensorrt", trt_why),
+        dali_cpu=_usable("dali decode on cpu", dali.error if dali.version is None else None),
+        dali_gpu=_usable("dali decode on gpu (mixed)", dali_gpu_why),
+    )
+    return Machine(__version__, sys.version.split()[0], platform.platform(), os.cpu_count(), gpu, dali, ort,
+                   trt, cuda_python, backends)
 
 
-def print_info(console=None) -> dict:
+def probe() -> dict:
+    """Everything `bulkdet info` shows, as plain data (its --json output)."""
+    return probe_machine().as_dict()
+
+
+def print_info(console=None) -> Machine:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
-    p = probe()
-    console.print(f"bulkdet {p['bulkdet']} · Python {p['python']} · {p['platform']} · {p['cpu_count']} CPU cores",
-                  markup=False)
-    gpu = p["gpu"]
-    if gpu["gpus"]:
-        for g in gpu["gpus"]:
-            console.print(f"GPU {g['index']}: {g['name']}, {g['memory_total_gib']} GiB ({g['memory_free_gib']} GiB free), "
-                          f"compute capability {g['compute_capability']}; driver {gpu['driver']}, "
-                          f"CUDA {gpu['cuda_driver']}", markup=False)
-    else:
-        console.print(f"GPU: none: {gpu['error']}", markup=False)
-    dali, ort, trt = p["dali"], p["onnxruntime"], p["tensorrt"]
+    m = probe_machine()
+    console.print(f"bulkdet {m.bulkdet} · Python {m.python} · {m.platform} · {m.cpu_count} CPU cores", markup=False)
+    for g in m.gpu.gpus:
+        console.print(f"GPU {g.index}: {g.name}, {g.memory_total_gib} GiB ({g.memory_free_gib} GiB free), "
+                      f"compute capability {g.compute_capability}; driver {m.gpu.driver}, "
+                      f"CUDA {m.gpu.cuda_driver}", markup=False)
+    if not m.gpu.gpus:
+        console.print(f"GPU: none: {m.gpu.error}", markup=False)
+    dali, ort = m.dali, m.onnxruntime
     t = Table(title="libraries", title_justify="left")
     for col in ("library", "version", "details"):
         t.add_column(col)
-    rows = [("DALI", dali.get("version"),
-             dali.get("error") or f"{dali.get('build')}; devices: {', '.join(dali['devices'])}"),
-            ("ONNX Runtime", ort.get("version"),
-             ort.get("error") or f"{ort['distribution']}; providers: {', '.join(ort['providers'])}"),
-            ("TensorRT", trt.get("version"), trt.get("error")),
-            ("cuda-python", p["cuda_python"].get("version"), p["cuda_python"].get("error"))]
+    rows = [("DALI", dali.version, dali.error or f"{dali.build}; devices: {', '.join(dali.devices)}"),
+            ("ONNX Runtime", ort.version, ort.error or f"{ort.distribution}; providers: {', '.join(ort.providers)}"),
+            ("TensorRT", m.tensorrt.version, m.tensorrt.error),
+            ("cuda-python", m.cuda_python.version, m.cuda_python.error)]
     for name, version, details in rows:
         t.add_row(name, escape(version or "-"), escape(details or ""))
     console.print(t)
     t = Table(title="what bulkdet can use here", title_justify="left")
     for col in ("backend / stage", "usable", "why not"):
         t.add_column(col)
-    for b in p["backends"]:
-        t.add_row(b["name"], "[green]yes[/green]" if b["available"] else "[red]no[/red]", escape(b["why_not"] or ""))
+    for b in m.backends:
+        t.add_row(b.name, "[green]yes[/green]" if b.available else "[red]no[/red]", escape(b.why_not or ""))
     console.print(t)
-    return p
+    return m
