@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from bulkdet.choices import MAX_DET, Device
-from bulkdet.model.info import load_model_info, parse_names
+from bulkdet.model.info import detect_layout, load_model_info, parse_names
 from bulkdet.model.precision import prepare_model
 from bulkdet.run.postprocess import MAX_NMS_CANDIDATES, postprocess
 from bulkdet.store.parts import read_detections, read_images
@@ -165,6 +165,13 @@ def test_names_that_do_not_fit_the_model_are_refused(cli, dataset, analytic_mode
     line = error_line(r)
     assert "'--names'" in line and expected in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_without_names_the_layout_is_one_that_can_hold_a_class():
+    assert detect_layout((2, 7, 3), None) == "yolov8"  # was read as YOLOv5 with -2 class columns: argmax crash
+    assert detect_layout((2, 3, 9), None) == "yolov5"
+    with pytest.raises(ValueError, match=r"output shape \(2, 4, 5\) matches no layout"):
+        detect_layout((2, 4, 5), None)
 
 
 def test_names_that_fit_are_read_in_every_format(analytic_model, tmp_path):

@@ -193,4 +193,10 @@ def detect_layout(shape: tuple[int, ...], nc: int | None, end2end: bool = False)
         raise ValueError(f"output shape {shape} matches no layout for {nc} classes")
     if b == 6 and a <= 1000:
         return "end2end"
-    return "yolov8" if a < b else "yolov5"
+    fits = [layout for layout, fit in (("yolov8", a > 4), ("yolov5", b > 5)) if fit]  # at least one class
+    if not fits:
+        raise ValueError(f"output shape {shape} matches no layout: YOLOv8 [B, 4+nc, N], YOLOv5 [B, N, 5+nc] "
+                         f"or end-to-end [B, K, 6]")
+    if len(fits) == 1:  # e.g. [B, 7, 3]: 3 classes of 3 boxes, never 2 values per box
+        return fits[0]
+    return "yolov8" if a < b else "yolov5"  # boxes outnumber the values per box
