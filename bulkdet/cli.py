@@ -1,33 +1,194 @@
-"""The `bulkdet` command line: parses options and calls one function per command."""
+"""The `bulkdet` command line: parses options and calls one function per command.
+
+Every option's value is checked here, when the command line is parsed (ranges: bulkdet/choices.py),
+and every error ends as one `error:` line with the exit code of docs/commands.md; the traceback
+of an unexpected error only with `bulkdet --debug COMMAND`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
+from bulkdet.choices import (IMGSZ_MAX, IMGSZ_MIN, MAX_BATCH, MAX_DET, MAX_THREADS, SHARD_MB_MAX, SHARD_MB_MIN,
+                             Backend, Device, Int8Target, Precision)
 from bulkdet.ingest.imageinfo import DEFAULT_MAX_PIXELS
-
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Offline bulk object detection: pack images into shards, run a detector, report.")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_INPUTS = 0, 1, 2, 3
 
+log = logging.getLogger("bulkdet")
+
+
+class _Commands(TyperGroup):
+    """The command group, with bulkdet's error output: one `error:` line, never a traceback.
+
+    typer.TyperException is the base of every usage error typer raises (a bad value, an unknown
+    option, a missing argument) and of typer.BadParameter raised by the commands themselves.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `bulkdet` alone: the help, as usual
+                typer.echo(exc.format_message(), err=True)
+            else:
+                typer.echo(_error_line(exc), err=True)
+            code = exc.exit_code
+        except typer.Abort:  # end of input at a prompt
+            typer.echo("error: aborted", err=True)
+            code = EXIT_ERROR
+        code = code if isinstance(code, int) else EXIT_OK
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a bug, or a failure no message was written for yet
+            if ctx.params.get("debug"):
+                raise
+            text = str(exc).strip()
+            typer.echo(f"error: {type(exc).__name__}{': ' + text.splitlines()[0] if text else ''} "
+                       f"(unexpected: `bulkdet --debug {ctx.invoked_subcommand or 'COMMAND'} ...` shows where)",
+                       err=True)
+            raise typer.Exit(EXIT_ERROR) from None
+
+
+def _error_line(exc: typer.TyperException) -> str:
+    """A usage error as one line, with the option's range when it has one: "error: invalid value
+    for '--imgsz': Input should be greater than or equal to 32 (allowed: 32<=x<=8192; see ...)"."""
+    message = " ".join(exc.format_message().replace("Value error, ", "").split())
+    param, ctx = getattr(exc, "param", None), getattr(exc, "ctx", None)
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    notes = []
+    if low is not None or high is not None:
+        notes.append("allowed: " + (f"{low}<=" if low is not None else "") + "x"
+                     + (f"<={high}" if high is not None else ""))
+    if ctx is not None:
+        notes.append(f"see `{ctx.command_path} --help`")
+    return f"error: {message[:1].lower()}{message[1:]}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="Offline bulk object detection: pack images into shards, run a detector, report.")
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an unexpected error.")):
+    """Offline bulk object detection: pack images into shards, run a detector, report."""
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever sys.stderr is when a line is written (see _quiet_native_output)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="bulkdet: %(message)s")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="bulkdet: %(message)s",
+                        handlers=[_StderrHandler()])
+
+
+@contextlib.contextmanager
+def _quiet_native_output(quiet: bool):
+    """With -q, what C/C++ libraries print themselves to stderr (DALI's nvImageCodec "[ERROR] ..."
+    lines for an image it cannot decode, libjpeg's "Corrupt JPEG data") goes to /dev/null: bulkdet
+    reports each failure in its row. Python's own output (the summary, `error:` lines) still prints.
+    nvImageCodec prints errors at any DALI_NVIMGCODEC_LOG_LEVEL, so only the file descriptor can."""
+    if not quiet:
+        yield
+        return
+    python_stderr = sys.stderr
+    python_stderr.flush()
+    saved = os.dup(2)
+    try:
+        if _fileno(python_stderr) == 2:  # Python's stderr writes on, through a copy of the real one
+            sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding,
+                                   errors=python_stderr.errors)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        yield
+    finally:
+        if sys.stderr is not python_stderr:
+            sys.stderr.close()
+            sys.stderr = python_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+
+
+def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint: str = "'--model'") -> None:
+    """The model (and --names) read before anything is written: a file that is no ONNX detector,
+    or names that do not fit its output, is a bad option value (exit 2), not a failed run.
+    `imgsz`: warn once when it is rounded up to the model's stride (None: not used)."""
+    from bulkdet.model.info import check_names_fit, is_engine_file, load_model_info, read_names_file
+    from bulkdet.run.plan import model_input_hw
+
+    if is_engine_file(model):
+        return  # read by TensorRT when the run starts (on the GPU)
+    try:
+        info = load_model_info(model)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=param_hint) from None
+    if names is not None:
+        try:
+            check_names_fit(read_names_file(names), info.output_dims, info.end2end, f"class names file {names}")
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--names'") from None
+    if imgsz is not None and info.fixed_shape is None and imgsz % info.stride:
+        log.warning("--imgsz %d is not a multiple of the model's stride %d: using %d (as Ultralytics does)",
+                    imgsz, info.stride, model_input_hw(imgsz, info.stride)[0])
+
+
+def _check_writable(path: Optional[Path], param_hint: str, folder: bool = False) -> None:
+    """A path bulkdet will write (a file, or a folder with `folder`), checked before any work: the
+    nearest part of it that exists must be a folder we may write in (exit 2 otherwise)."""
+    if path is None:
+        return
+    start = path if folder else path.parent
+    existing = next(p for p in (start, *start.parents) if p.exists())
+    if not existing.is_dir():
+        raise typer.BadParameter(f"{path}: {existing} is a file, not a folder", param_hint=param_hint)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{path}: no permission to write in {existing}", param_hint=param_hint)
 
 
 @app.command()
 def pack(
     src_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of images (walked recursively)."),
     out: Path = typer.Option(..., "--out", help="Dataset folder to create or extend."),
-    shard_size_mb: float = typer.Option(1024, help="Target size of one LMDB shard (MB; fractions allowed)."),
+    shard_size_mb: float = typer.Option(1024, min=SHARD_MB_MIN, max=SHARD_MB_MAX,
+                                        help="Target size of one LMDB shard (MB; fractions allowed)."),
     follow_symlinks: bool = typer.Option(False, help="Follow symbolic links (loops are detected)."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Larger images get status too_large."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Larger images get status too_large."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
     """Store every image under SRC_DIR, bytes unchanged, in LMDB shards plus a manifest."""
@@ -35,7 +196,8 @@ def pack(
 
     _setup_logging(quiet)
     try:
-        s = do_pack(src_dir, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet)
+        with _quiet_native_output(quiet):
+            s = do_pack(src_dir, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet)
     except (OSError, RuntimeError) as exc:  # e.g. disk full: committed shards are kept and reused
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
@@ -50,19 +212,23 @@ def run(
     dataset_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Dataset made by `bulkdet pack`."),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="Detector (.onnx)."),
     out: Path = typer.Option(..., "--out", help="Run folder (created; an existing one is resumed)."),
-    device: str = typer.Option("auto", help="auto | cpu | gpu"),
-    backend: str = typer.Option("auto", help="auto | onnxruntime | tensorrt"),
-    imgsz: int = typer.Option(640, help="Model input size (long side) for dynamic-shape models."),
-    max_batch: int = typer.Option(32, help="Most images in one batch."),
-    conf: float = typer.Option(0.25, help="Score threshold."),
-    iou: float = typer.Option(0.45, help="NMS IoU threshold."),
-    max_det: int = typer.Option(300, help="Most detections kept per image."),
+    device: Device = typer.Option(Device.AUTO, help="Where to decode and infer (auto: the GPU when usable)."),
+    backend: Backend = typer.Option(Backend.AUTO, help="Inference engine (auto: TensorRT when usable)."),
+    imgsz: int = typer.Option(640, min=IMGSZ_MIN, max=IMGSZ_MAX, help="Model input size (long side) for "
+                              "dynamic-shape models; rounded up to the model's stride."),
+    max_batch: int = typer.Option(32, min=1, max=MAX_BATCH, help="Most images in one batch."),
+    conf: float = typer.Option(0.25, min=0.0, max=1.0, help="Score threshold."),
+    iou: float = typer.Option(0.45, min=0.0, max=1.0, help="NMS IoU threshold."),
+    max_det: int = typer.Option(300, min=1, max=MAX_DET, help="Most detections kept per image."),
     names: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Class names file (one per line, or JSON)."),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8"),
+    precision: Precision = typer.Option(Precision.FP32, help="fp16 / int8: a prepared model (see `prepare`)."),
     overwrite: bool = typer.Option(False, help="Replace a previous run in --out made with other settings."),
-    dali_threads: Optional[int] = typer.Option(None, help="DALI CPU threads (default: a sixth of the cores on CPU, all on GPU)."),
-    infer_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads per batch (default: cores / workers)."),
-    infer_workers: Optional[int] = typer.Option(None, min=1, help="Batches inferred at once (default: min(cores, 4) on CPU, 1 on GPU)."),
+    dali_threads: Optional[int] = typer.Option(None, min=1, max=MAX_THREADS, help="DALI CPU threads "
+                                               "(default: a sixth of the cores on CPU, all on GPU)."),
+    infer_threads: Optional[int] = typer.Option(None, min=1, max=MAX_THREADS, help="ONNX Runtime intra-op "
+                                                "threads per batch (default: cores / workers)."),
+    infer_workers: Optional[int] = typer.Option(None, min=1, max=MAX_THREADS, help="Batches inferred at once "
+                                                "(default: min(cores, 4) on CPU, 1 on GPU)."),
     pixel_budget: Optional[int] = typer.Option(
         None, min=1, help="Most input pixels (padded) in one batch (default: two 640x640 inputs on CPU, --max-batch on GPU)."),
     decode_budget: Optional[int] = typer.Option(
@@ -72,13 +238,15 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
     use_ray: bool = typer.Option(False, "--ray", help="Spread the shards over a Ray cluster (needs bulkdet[ray])."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, or a local one)."),
-    workers: Optional[int] = typer.Option(None, min=1, help="Ray workers (default: one per GPU, or one per machine)."),
+    workers: Optional[int] = typer.Option(None, min=1, max=MAX_THREADS,
+                                          help="Ray workers (default: one per GPU, or one per machine)."),
     check_precision: int = typer.Option(0, min=0, help="Also run this many images through the FP32 model "
                                         "and report drifting detections (with --precision fp16|int8)."),
     calib_images: int = typer.Option(64, min=1, help="INT8: calibration images drawn from DATASET_DIR."),
     cache_dir: Optional[Path] = typer.Option(None, help="Prepared models and TensorRT engines "
                                              "(default: $BULKDET_CACHE_DIR or ~/.cache/bulkdet)."),
-    hw_decoder_load: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="GPU: share of JPEGs for the "
+    hw_decoder_load: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                                    help="GPU: share of JPEGs for the "
                                                     "hardware JPEG decoder (DALI's default when unset)."),
     nms_in_model: bool = typer.Option(False, help="Append NMS to the model (YOLOv8 layout): only final "
                                       "detections leave the engine."),
@@ -88,28 +256,27 @@ def run(
     from bulkdet.store.lock import FolderInUse
     from bulkdet.store.run_folder import RunFolderRefused
 
+    if not use_ray and (ray_address or workers):
+        raise typer.BadParameter("needs --ray", param_hint="'--ray-address' / '--workers'")
+    _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
-    for name, value, allowed in (("device", device, ("auto", "cpu", "gpu")),
-                                 ("backend", backend, ("auto", "onnxruntime", "tensorrt")),
-                                 ("precision", precision, ("fp32", "fp16", "int8"))):
-        if value not in allowed:
-            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"--{name}")
-    cfg = RunConfig(dataset_dir, model, out, device=device, backend=backend, imgsz=imgsz, max_batch=max_batch,
-                    conf=conf, iou=iou, max_det=max_det, names=names, precision=precision, overwrite=overwrite,
+    _check_model(model, names, imgsz)
+    cfg = RunConfig(dataset_dir, model, out, device=device.value, backend=backend.value, imgsz=imgsz,
+                    max_batch=max_batch, conf=conf, iou=iou, max_det=max_det, names=names,
+                    precision=precision.value, overwrite=overwrite,
                     dali_threads=dali_threads, infer_threads=infer_threads, quiet=quiet,
                     commit_images=commit_every, retry_failed=retry_failed,
                     precision_check_images=check_precision, calib_images=calib_images, cache_dir=cache_dir,
                     hw_decoder_load=hw_decoder_load, nms_in_model=nms_in_model,
                     pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers)
-    if not use_ray and (ray_address or workers):
-        raise typer.BadParameter("needs --ray", param_hint="--ray-address/--workers")
     try:
-        if use_ray:
-            from bulkdet.run.distributed import run_on_ray
+        with _quiet_native_output(quiet):
+            if use_ray:
+                from bulkdet.run.distributed import run_on_ray
 
-            s = run_on_ray(cfg, ray_address, workers)
-        else:
-            s = do_run(cfg)
+                s = run_on_ray(cfg, ray_address, workers)
+            else:
+                s = do_run(cfg)
     except (RunFolderRefused, FolderInUse) as exc:  # the command conflicts with what --out holds: a usage error
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE)
@@ -132,14 +299,16 @@ def run(
 @app.command()
 def prepare(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="FP32 ONNX detector."),
-    precision: str = typer.Option(..., help="fp16 | int8"),
+    precision: Precision = typer.Option(..., help="fp16 or int8 (fp32 is the model itself)."),
     calib: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
                                          help="INT8: dataset (from `bulkdet pack`) to calibrate on."),
     calib_images: int = typer.Option(64, min=1, help="INT8: images drawn from --calib."),
-    imgsz: int = typer.Option(640, help="INT8: input size for dynamic-shape models (use the run's)."),
-    seed: int = typer.Option(0, help="INT8: seed of the calibration draw."),
-    target: str = typer.Option("gpu", help="INT8: gpu = symmetric int8 (TensorRT; also runs on the CPU), "
-                               "cpu = uint8 activations (faster and closer to FP32 on x86 ONNX Runtime)."),
+    imgsz: int = typer.Option(640, min=IMGSZ_MIN, max=IMGSZ_MAX,
+                              help="INT8: input size for dynamic-shape models (use the run's)."),
+    seed: int = typer.Option(0, min=0, help="INT8: seed of the calibration draw."),
+    target: Int8Target = typer.Option(Int8Target.GPU, help="INT8: gpu = symmetric int8 (TensorRT; also runs on "
+                                      "the CPU), cpu = uint8 activations (faster and closer to FP32 on x86 "
+                                      "ONNX Runtime)."),
     out: Optional[Path] = typer.Option(None, "--out", dir_okay=False, help="Also copy the prepared model here."),
     cache_dir: Optional[Path] = typer.Option(None, help="Default: $BULKDET_CACHE_DIR or ~/.cache/bulkdet."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -147,20 +316,23 @@ def prepare(
     """Make the FP16 or INT8 (Q/DQ, calibrated) ONNX of MODEL; cached, reused by `run --precision`."""
     from bulkdet.model.precision import Calibration, export_prepared, prepare_model
 
+    if precision is Precision.FP32:
+        raise typer.BadParameter("fp32 is the model itself: prepare fp16 or int8", param_hint="'--precision'")
+    if precision is Precision.INT8 and calib is None:
+        raise typer.BadParameter("int8 needs calibration images: --calib DATASET_DIR", param_hint="'--calib'")
+    _check_writable(out, "'--out'")
+    _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
-    if precision not in ("fp16", "int8"):
-        raise typer.BadParameter(f"{precision!r} is not one of fp16, int8", param_hint="--precision")
-    if precision == "int8" and calib is None:
-        raise typer.BadParameter("int8 needs calibration images: --calib DATASET_DIR", param_hint="--calib")
-    if target not in ("gpu", "cpu"):
-        raise typer.BadParameter(f"{target!r} is not one of gpu, cpu", param_hint="--target")
-    calibration = Calibration(calib, calib_images, seed, imgsz, target) if precision == "int8" else None
+    _check_model(model, None, imgsz if precision is Precision.INT8 else None, param_hint="'MODEL'")
+    calibration = (Calibration(calib, calib_images, seed, imgsz, target.value)
+                   if precision is Precision.INT8 else None)
     try:
-        prepared = prepare_model(model, precision, calibration, cache_dir)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        with _quiet_native_output(quiet):
+            prepared = prepare_model(model, precision.value, calibration, cache_dir)
+        path = export_prepared(prepared, out) if out else prepared.path
+    except (OSError, ValueError, RuntimeError) as exc:  # e.g. --out or --cache-dir not writable
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
-    path = export_prepared(prepared, out) if out else prepared.path
     typer.echo(f"{precision} model {'from the cache' if prepared.cached else 'prepared'}: {path}")
 
 
@@ -177,9 +349,10 @@ def report(
     from bulkdet.store.parts import BrokenPart
 
     if len(run_dirs) > 2:
-        raise typer.BadParameter("give one run folder, or two to compare", param_hint="RUN_DIR")
+        raise typer.BadParameter("give one run folder, or two to compare", param_hint="'RUN_DIR'")
     if html is not None and len(run_dirs) != 1:
-        raise typer.BadParameter("--html takes one run folder", param_hint="--html")
+        raise typer.BadParameter("--html takes one run folder", param_hint="'--html'")
+    _check_writable(html, "'--html'")
     try:
         if as_json:
             s = summarize(run_dirs[0]) if len(run_dirs) == 1 else compare(*map(summarize, run_dirs))
@@ -192,7 +365,7 @@ def report(
             from bulkdet.results.html_report import write_html
 
             typer.echo(f"HTML report: {write_html(run_dirs[0], html)}", err=as_json)
-    except (FileNotFoundError, BrokenPart) as exc:
+    except (OSError, BrokenPart) as exc:  # no run.json, a damaged part, a disk error while writing --html
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
 
@@ -209,7 +382,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's data and results.")):
+def demo(out: Path = typer.Option(Path("demo-out"), "--out", file_okay=False,
+                                  help="Folder for the demo's data and results.")):
     """Generate synthetic images and an analytic detector, then pack, run and report."""
     from bulkdet.demo import run_demo
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 ENGINE_SUFFIXES = (".engine", ".plan")  # serialized TensorRT engines; any other file is read as ONNX
@@ -45,6 +46,7 @@ class ModelInfo:
     names: dict[int, str]
     stride: int
     end2end: bool  # metadata says the graph already ran NMS
+    output_dims: tuple[int | None, ...] | None = None  # of the first output (None: dynamic); None: unknown
 
     @property
     def fixed_shape(self) -> tuple[int, int] | None:
@@ -56,25 +58,81 @@ def _dim(d) -> int | None:
 
 
 def parse_names(text: str) -> dict[int, str]:
-    """Class names as exporters write them: "{0: 'person', ...}", a JSON list/dict, or lines."""
+    """Class names as exporters write them: "{0: 'person', ...}", a JSON list/dict, or lines.
+
+    ValueError when a dict's keys are not the class ids 0..N-1."""
     text = text.strip()
     if not text:
         return {}
     for parse in (ast.literal_eval, json.loads):
         try:
             value = parse(text)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, RecursionError):
             continue
         if isinstance(value, dict):
-            return {int(k): str(v) for k, v in value.items()}
+            return _names_by_id(value)
         if isinstance(value, (list, tuple)):
             return dict(enumerate(map(str, value)))
     return dict(enumerate(line.strip() for line in text.splitlines() if line.strip()))
 
 
+def _names_by_id(value: dict) -> dict[int, str]:
+    try:
+        names = {int(k): str(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"the keys of a names dict are class ids 0..N-1, got {list(value)[:5]}") from None
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"the keys of a names dict are class ids 0..N-1, got {sorted(names)[:10]}")
+    return dict(sorted(names.items()))
+
+
+def read_names_file(path: Path) -> dict[int, str]:
+    """The class names of a --names file (see parse_names); ValueError saying what is wrong with it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"class names file {path} is not text: give one name per line, or a JSON list") from None
+    try:
+        names = parse_names(text)
+    except ValueError as exc:
+        raise ValueError(f"class names file {path}: {exc}") from None
+    if not names:
+        raise ValueError(f"class names file {path} holds no names: give one name per line, or a JSON list")
+    return names
+
+
+def read_onnx(path: Path) -> onnx.ModelProto:
+    """The ONNX graph in `path` (weights in external files not loaded); ValueError when it is none."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as exc:
+        raise ValueError(f"{path} is not an ONNX model ({exc}); give a detector's .onnx file "
+                         f"(or a TensorRT engine named .engine or .plan)") from None
+    if not model.graph.node:  # an empty file parses as an empty model
+        raise ValueError(f"{path} is not an ONNX model (it holds no graph); give a detector's .onnx file "
+                         f"(or a TensorRT engine named .engine or .plan)")
+    return model
+
+
+def check_names_fit(names: dict[int, str], output_dims, end2end: bool, source: str) -> None:
+    """ValueError when the output shape is known and no layout has len(names) classes."""
+    dims = tuple(output_dims or ())
+    if not names or len(dims) != 3 or dims[1] is None or dims[2] is None:
+        return  # nothing to check against: the post-processing tells the layout per batch
+    try:
+        detect_layout((1, *dims[1:]), len(names), end2end)
+    except ValueError:
+        a, b = dims[1:]
+        fits = [f"{n} (YOLOv{v} layout)" for n, v in ((a - 4, 8), (b - 5, 5)) if n > 0]
+        raise ValueError(f"{source} gives {len(names)} class names, but the model's output shape "
+                         f"[B, {a}, {b}] fits no layout for {len(names)} classes"
+                         + (f"; it has {' or '.join(fits)}" if fits else "")
+                         + ": give the names the model was trained with") from None
+
+
 def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
+    model = read_onnx(path)
     meta = model_metadata(model)
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -86,13 +144,34 @@ def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
         raise ValueError(f"{path}: input must be [B,3,H,W], got {dims}")
     if tensor.elem_type not in _ONNX_DTYPES:
         raise ValueError(f"{path}: input dtype {onnx.TensorProto.DataType.Name(tensor.elem_type)} not supported")
-    names = parse_names(Path(names_file).read_text()) if names_file else parse_names(meta.get("names", ""))
+    outputs = model.graph.output
+    output_dims = tuple(_dim(d) for d in outputs[0].type.tensor_type.shape.dim) if outputs else None
+    end2end = str(meta.get("end2end", "")).lower() == "true"
+    if names_file:
+        names, source = read_names_file(names_file), f"class names file {names_file}"
+    else:
+        try:
+            names, source = parse_names(meta.get("names", "")), f"{path}'s metadata"
+        except ValueError as exc:
+            raise ValueError(f"{path}: class names in its metadata: {exc}; give them with --names") from None
+    check_names_fit(names, output_dims, end2end, source)
     return ModelInfo(
         path=path, sha256=file_sha256(path), input_name=inputs[0].name,
         input_dtype=_ONNX_DTYPES[tensor.elem_type], batch=dims[0], height=dims[2], width=dims[3],
-        names=names, stride=int(meta.get("stride", 32) or 32),
-        end2end=str(meta.get("end2end", "")).lower() == "true",
+        names=names, stride=_stride(meta.get("stride"), path),
+        end2end=end2end, output_dims=output_dims,
     )
+
+
+def _stride(value: str | None, path: Path) -> int:
+    """The model's stride from its metadata (default 32): a positive whole number of pixels."""
+    try:
+        stride = int(value or 32)
+    except ValueError:
+        stride = 0
+    if stride <= 0:
+        raise ValueError(f"{path}: its metadata gives stride {value!r}, not a positive whole number of pixels")
+    return stride
 
 
 def detect_layout(shape: tuple[int, ...], nc: int | None, end2end: bool = False) -> str:
@@ -114,4 +193,10 @@ def detect_layout(shape: tuple[int, ...], nc: int | None, end2end: bool = False)
         raise ValueError(f"output shape {shape} matches no layout for {nc} classes")
     if b == 6 and a <= 1000:
         return "end2end"
-    return "yolov8" if a < b else "yolov5"
+    fits = [layout for layout, fit in (("yolov8", a > 4), ("yolov5", b > 5)) if fit]  # at least one class
+    if not fits:
+        raise ValueError(f"output shape {shape} matches no layout: YOLOv8 [B, 4+nc, N], YOLOv5 [B, N, 5+nc] "
+                         f"or end-to-end [B, K, 6]")
+    if len(fits) == 1:  # e.g. [B, 7, 3]: 3 classes of 3 boxes, never 2 values per box
+        return fits[0]
+    return "yolov8" if a < b else "yolov5"  # boxes outnumber the values per box

@@ -35,19 +35,18 @@ import onnx
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bulkdet.choices import Int8Target, Precision
 from bulkdet.model.graph_nms import NMS_VERSION, add_nms
-from bulkdet.model.info import file_sha256, is_engine_file, load_model_info, model_metadata
+from bulkdet.model.info import file_sha256, is_engine_file, load_model_info, model_metadata, read_onnx
 from bulkdet.run.plan import model_input_hw, plan_batches
 from bulkdet.store.atomic import commit, copy_atomic, write_json_atomic
 from bulkdet.store.cache import cache_dir
 
 log = logging.getLogger("bulkdet")
 
-PRECISIONS = ("fp32", "fp16", "int8")
 # Bump when the recipe changes (block lists, quantizer options): old cache entries stop matching.
 RECIPE_VERSION = 4
 DEFAULT_CALIB_IMAGES = 64
-INT8_TARGETS = ("gpu", "cpu")
 CALIB_BATCH = 8
 # Metadata written into every prepared ONNX, so a prepared file describes itself.
 META_PRECISION = "bulkdet.precision"
@@ -59,8 +58,8 @@ WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 # INT8 schemes by target device. Measured on the YOLOv8n-architecture model, ONNX Runtime CPU
 # (x86 AVX2, no VNNI): uint8 activations ran 1.6x faster than FP32 with half the box error of
 # symmetric int8, which ran slower than FP32. TensorRT needs symmetric int8 (zero point 0).
-INT8_SCHEMES = {"gpu": {"activations": "QInt8", "symmetric": True},
-                "cpu": {"activations": "QUInt8", "symmetric": False}}
+INT8_SCHEMES = {Int8Target.GPU: {"activations": "QInt8", "symmetric": True},
+                Int8Target.CPU: {"activations": "QUInt8", "symmetric": False}}
 # The FP16 converter does not rewrite a Cast's `to` attribute: the model's own Cast-to-float
 # nodes are kept in float32 (blocked by name, followed by a cast to float16).
 FP16_BLOCKED_CASTS = frozenset({onnx.TensorProto.FLOAT})
@@ -97,7 +96,7 @@ class ModelFile:
 def model_precision(model: onnx.ModelProto | Path) -> str | None:
     """The precision a prepared file declares in its metadata (None: not prepared by bulkdet)."""
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
+        model = read_onnx(model)
     return model_metadata(model).get(META_PRECISION)
 
 
@@ -112,8 +111,7 @@ def prepare_model(source: Path, precision: str, calibration: Calibration | None 
                   cache: Path | None = None) -> ModelFile:
     """The model at `precision`, from the cache or made now (and cached): what `bulkdet prepare` does."""
     source = Path(source)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    precision = Precision.parse(precision, "precision").value
     source_sha = file_sha256(source)
     declared = model_precision(source)
     if precision == "fp32" or declared == precision:
@@ -233,8 +231,7 @@ class CalibrationSample:
 
 def calibration_sample(calibration: Calibration, model_path: Path) -> CalibrationSample:
     """N decodable images of the dataset, drawn with the seed; identified by their content hashes."""
-    if calibration.target not in INT8_TARGETS:
-        raise ValueError(f"int8 target {calibration.target!r} is not one of {', '.join(INT8_TARGETS)}")
+    Int8Target.parse(calibration.target, "int8 target")
     from bulkdet.store.manifest import read_manifest
 
     info = load_model_info(model_path)

@@ -6,23 +6,45 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bulkdet.choices import MAX_DET
 from bulkdet.model.info import detect_layout
 from bulkdet.run.plan import Batch
 
-MAX_NMS_CANDIDATES = 30_000  # cap before NMS, as the reference YOLO predictors do
+MAX_NMS_CANDIDATES = MAX_DET  # cap before NMS, as the reference YOLO predictors do
 _CLASS_OFFSET = 1e5  # shifts boxes per class so one NMS pass never mixes classes
+
+
+INFER_ERROR = "infer_error"  # status of an image whose model output is unusable (see Detections.error)
 
 
 @dataclass
 class Detections:
-    """Detections of one image: boxes [n,4] x1,y1,x2,y2, scores [n], class ids [n]."""
+    """Detections of one image: boxes [n,4] x1,y1,x2,y2, scores [n], class ids [n].
+
+    `error` is set (and there are no detections) when the model's output for the image held
+    inf or NaN: such numbers are no detections, and rows with score=inf or x1=nan would mislead.
+    """
 
     boxes: np.ndarray
     scores: np.ndarray
     class_ids: np.ndarray
+    error: str | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    @classmethod
+    def refused(cls, error: str) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int16), error)
+
+
+def non_finite(output: np.ndarray) -> str | None:
+    """Why one image's raw output is unusable (inf/NaN values), or None when it is finite."""
+    if np.isfinite(output).all():
+        return None
+    nan, inf = int(np.isnan(output).sum()), int(np.isinf(output).sum())
+    return (f"the model's output holds {nan} NaN and {inf} inf value(s) for this image: no detections kept "
+            f"(a broken model or a precision overflow; compare with --precision fp32)")
 
 
 def split_candidates(output: np.ndarray, layout: str):
@@ -66,6 +88,9 @@ def postprocess(output: np.ndarray, batch: Batch, nc: int | None, conf: float, i
     scale_x, scale_y = batch.letterbox.scale(batch.width, batch.height)
     results = []
     for i in range(len(batch)):
+        if error := non_finite(output[i]):
+            results.append(Detections.refused(error))
+            continue
         keep = np.flatnonzero(scores[i] > conf)
         if keep.size > MAX_NMS_CANDIDATES:
             keep = keep[np.argsort(scores[i][keep])[::-1][:MAX_NMS_CANDIDATES]]

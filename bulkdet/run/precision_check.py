@@ -160,7 +160,8 @@ class Detector:
     def __call__(self, batch: Batch, encoded: list[bytes]) -> tuple[list[Detections], dict[int, str]]:
         decoded = self.decoder.decode(batch, encoded)
         outputs = self.engine.infer(decoded.tensor)
-        return postprocess(outputs[0], batch, **self.post), decoded.errors
+        detections = postprocess(outputs[0], batch, **self.post)
+        return detections, {**{i: d.error for i, d in enumerate(detections) if d.error}, **decoded.errors}
 
 
 def check_precision(batches: list[Batch], read, reference: Detector, tested: Detector, precision: str) -> DriftReport:

@@ -33,7 +33,7 @@ from bulkdet.run.metrics import STAGES, BatchTimes, MetricsRecorder
 from bulkdet.run.oom import HalvingInfer
 from bulkdet.run.pipeline import QUEUE_SIZE, Stage, StagePipeline
 from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, input_shapes, model_input_hw, plan
-from bulkdet.run.postprocess import postprocess
+from bulkdet.run.postprocess import INFER_ERROR, postprocess
 from bulkdet.run.precision_check import check_run_precision
 from bulkdet.run.progress import Progress
 from bulkdet.store.manifest import dataset_id, read_manifest
@@ -309,12 +309,13 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
         work.outputs = None
 
     def write(work: _Work):
-        batch, errors = work.batch, work.decoded.errors
-        status = ["decode_error" if i in errors else "ok" for i in range(len(batch))]
+        batch, errors, dets = work.batch, work.decoded.errors, work.detections
+        status = ["decode_error" if i in errors else INFER_ERROR if dets[i].error else "ok"
+                  for i in range(len(batch))]
         writer.add_images(batch.shard, batch.image_ids, batch.paths, batch.width, batch.height, status,
-                        [errors.get(i) for i in range(len(batch))],
-                        [None if i in errors else d for i, d in enumerate(work.detections)])
-        progress.update(len(batch), work.encoded_bytes, len(errors))
+                          [errors.get(i) or dets[i].error for i in range(len(batch))],
+                          [None if i in errors or d.error else d for i, d in enumerate(dets)])
+        progress.update(len(batch), work.encoded_bytes, len(batch) - status.count("ok"))
 
     def record(work: _Work):
         metrics.record(work.batch, work.times, len(work.decoded.errors), work.encoded_bytes)

@@ -14,13 +14,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bulkdet.choices import Backend, Device
 from bulkdet.model.info import is_engine_file
 from bulkdet.system.info import GPU_EXTRA, probe_machine
 
 log = logging.getLogger("bulkdet")
-
-DEVICES = ("auto", "cpu", "gpu")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
 class DeviceError(RuntimeError):
@@ -91,10 +89,7 @@ def probe() -> GpuStatus:
 def select(device: str = "auto", backend: str = "auto", model: Path | None = None,
            status: GpuStatus | None = None) -> Selection:
     """Resolve auto choices; DeviceError names what is missing for an explicit GPU request."""
-    if device not in DEVICES:
-        raise ValueError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    device, backend = Device.parse(device, "--device").value, Backend.parse(backend, "--backend").value
     is_engine = model is not None and is_engine_file(model)
     if is_engine and backend == "onnxruntime":
         raise DeviceError(f"{model} is a TensorRT engine: it runs with --backend tensorrt only")
