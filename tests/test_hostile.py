@@ -112,9 +112,9 @@ def test_follow_symlinks_resolves_links_and_detects_loops(tmp_path, cli):
     manifest = read_manifest(tmp_path / "ds").to_pylist()
     assert Counter(row["path"] for row in manifest) == Counter(expected.keys())  # links/loop: no row
     rows = {row["path"]: row for row in manifest}
-    # decode_error only shows at run time; at pack those files are ok.
+    # decode_error only shows at run time; at pack such a file (a truncated one) is corrupt.
     assert {p: row["status"] for p, row in rows.items()} == {
-        p: "ok" if s == "decode_error" else s for p, s in expected.items()}
+        p: "corrupt" if s == "decode_error" else s for p, s in expected.items()}
     assert "dangling" in rows["links/dangling.jpg"]["error"]
     assert "Too many levels of symbolic links" in rows["links/self"]["error"]
     assert "Input/output error" in rows["links/io_error.jpg"]["error"]
