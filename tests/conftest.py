@@ -16,6 +16,15 @@ from bulkdet.demo import build_analytic_detector, random_rects, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Handoff (pack-defence branch): pack now marks damaged images (a truncated JPEG among them)
+# `corrupt`, and a run must process them like `ok` (bulkdet.store.manifest.processed). Until
+# the runner does, these tests fail; strict, so that wiring it makes them fail until the
+# marker is removed (grep CORRUPT_NOT_RUN_YET).
+CORRUPT_NOT_RUN_YET = pytest.mark.xfail(
+    strict=True, reason="the runner still selects status == 'ok': it must process "
+    "bulkdet.store.manifest.processed(manifest), keep `corrupt` in the row, and --retry-failed must "
+    "keep corrupt rows (they have detections)")
+
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip, with the reason, on machines without an NVIDIA GPU."""

@@ -153,10 +153,12 @@ def test_pack_into_its_own_source_twice_packs_only_the_images(tmp_path, cli):
     (src / "old_run").mkdir()  # a run folder of an older bulkdet (no lock file): not images either
     for name in ("run.json", "fingerprint.json"):
         (src / "old_run" / name).write_text("{}")
+    (src / "notes").mkdir()  # one marker alone is a user's file: packed
+    (src / "notes" / "run.json").write_text("{}")
     for _ in range(2):
         r = cli("pack", src, "--out", src / "ds", "-q")
         assert r.exit_code == 0, r.output
         assert "bulkdet folders not packed: ds, old_run" in r.output
-    assert set(manifest_rows(src / "ds")) == {"a.jpg", "sub/b.png"}
+    assert set(manifest_rows(src / "ds")) == {"a.jpg", "sub/b.png", "notes/run.json"}
     r = cli("pack", src, "--out", src, "-q")
     assert r.exit_code == 2 and r.output.count("error:") == 1 and "is the source folder itself" in r.output

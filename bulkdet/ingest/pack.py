@@ -24,9 +24,9 @@ from bulkdet.store.shards import ShardWriter, existing_shards, shard_keys
 
 HEADER_BYTES = 64 << 10  # read first: a file is read further only when this shows an image
 READ_BUDGET = 256 << 20  # file bytes in flight at once (a larger file goes alone)
-# A folder holding one of these is a bulkdet dataset or run folder: never packed as images.
-BULKDET_MARKERS = (LOCK_NAME, MANIFEST_NAME)
-RUN_MARKERS = ("run.json", "fingerprint.json")  # a run folder made before locks existed has both
+# A bulkdet dataset or run folder (never packed as images) holds bulkdet's lock file, or all
+# of one of these sets (those made before the lock existed).
+BULKDET_MARKERS = ({LOCK_NAME}, {MANIFEST_NAME, "shards"}, {"run.json", "fingerprint.json"})
 
 
 class PackUsageError(ValueError):
@@ -77,7 +77,7 @@ def printable(path: str) -> str:
 
 
 def _is_bulkdet_folder(names: set[str]) -> bool:
-    return any(m in names for m in BULKDET_MARKERS) or all(m in names for m in RUN_MARKERS)
+    return any(markers <= names for markers in BULKDET_MARKERS)
 
 
 def walk(src: Path, follow_symlinks: bool = False, exclude: Path | None = None,
