@@ -17,13 +17,14 @@ from bulkdet.demo import build_analytic_detector, random_rects, write_image
 ROOT = Path(__file__).resolve().parents[1]
 
 # Handoff (pack-defence branch): pack now marks damaged images (a truncated JPEG among them)
-# `corrupt`, and a run must process them like `ok` (bulkdet.store.manifest.processed). Until
-# the runner does, these tests fail; strict, so that wiring it makes them fail until the
-# marker is removed (grep CORRUPT_NOT_RUN_YET).
-CORRUPT_NOT_RUN_YET = pytest.mark.xfail(
+# `corrupt`, and rows of changed or deleted files `replaced` / `deleted`. A run must process
+# `corrupt` like `ok` (bulkdet.store.manifest.processed) and give retired rows no row
+# (manifest.unprocessed). Until the runner does, these tests fail; strict, so that wiring it
+# makes them fail until the marker is removed (grep RUNNER_STATUS_RULES_TODO).
+RUNNER_STATUS_RULES_TODO = pytest.mark.xfail(
     strict=True, reason="the runner still selects status == 'ok': it must process "
-    "bulkdet.store.manifest.processed(manifest), keep `corrupt` in the row, and --retry-failed must "
-    "keep corrupt rows (they have detections)")
+    "bulkdet.store.manifest.processed(manifest) keeping `corrupt` in the row, write only "
+    "manifest.unprocessed(manifest) as they are, and --retry-failed must keep corrupt rows")
 
 
 def pytest_collection_modifyitems(config, items):

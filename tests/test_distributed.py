@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 import ray
 
-from conftest import CORRUPT_NOT_RUN_YET, make_images
+from conftest import RUNNER_STATUS_RULES_TODO, make_images
 
 from bulkdet.demo import compare_with_truth
 from bulkdet.ingest.pack import pack
@@ -71,7 +71,7 @@ def local_rows(dataset, analytic_model, tmp_path_factory):
     return _rows(out)
 
 
-@CORRUPT_NOT_RUN_YET
+@RUNNER_STATUS_RULES_TODO
 def test_ray_run_equals_local_run(ray_cluster, dataset, analytic_model, local_rows, tmp_path, cli):
     dataset_dir, truth = dataset
     out = tmp_path / "run"

@@ -4,7 +4,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from bulkdet.demo import compare_with_truth
-from conftest import CORRUPT_NOT_RUN_YET, make_images
+from conftest import RUNNER_STATUS_RULES_TODO, make_images
 
 # 64 px to 2000 px, square, very tall, very wide, JPEG and PNG, EXIF orientations 1, 3, 6, 8.
 SPECS = [
@@ -56,7 +56,7 @@ def test_non_image_gets_error_row_and_exit_code_3(tmp_path, analytic_model, cli)
         assert rows[bad]["status"] != "ok" and rows[bad]["error"]
 
 
-@CORRUPT_NOT_RUN_YET
+@RUNNER_STATUS_RULES_TODO
 def test_corrupt_jpeg_in_batch_costs_only_its_row(tmp_path, analytic_model, cli):
     truth = make_images(tmp_path / "src", [(f"g{i}.jpg", 160 + 10 * i, 120, "jpeg", 1) for i in range(5)])
     good = (tmp_path / "src" / "g0.jpg").read_bytes()

@@ -13,7 +13,7 @@ from bulkdet.ingest.pack import pack
 from bulkdet.store.manifest import processed, read_manifest
 from bulkdet.store.parts import read_detections, read_images
 from bulkdet.store.shards import ShardReader
-from conftest import CORRUPT_NOT_RUN_YET
+from conftest import RUNNER_STATUS_RULES_TODO
 
 
 def _picture(w=160, h=120, seed=0) -> np.ndarray:
@@ -127,7 +127,7 @@ def test_corrupt_images_are_packed_as_corrupt_and_stored(tmp_path):
     assert len(processed(read_manifest(tmp_path / "ds"))) == 3
 
 
-@CORRUPT_NOT_RUN_YET
+@RUNNER_STATUS_RULES_TODO
 def test_a_corrupt_image_is_run_its_detections_written_and_its_status_kept(tmp_path, analytic_model, cli):
     src = tmp_path / "src"
     src.mkdir()

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 from bulkdet.ingest.pack import pack
 from bulkdet.store.manifest import processed, read_manifest
 from bulkdet.store.shards import existing_shards, shard_path
-from conftest import make_images
+from bulkdet.store.parts import read_images
+from conftest import RUNNER_STATUS_RULES_TODO, make_images
 
 
 def manifest_rows(ds):
@@ -118,6 +119,25 @@ def test_repack_detects_changed_deleted_and_renamed_files(tmp_path, cli):
     assert 5 in current.column("image_id").to_pylist()
     r = cli("pack", src, "--out", tmp_path / "ds", "-q")  # nothing changed since
     assert "0 changed (new rows), 0 deleted, 4 unchanged" in r.output and "packed 0 new files" in r.output
+
+
+@RUNNER_STATUS_RULES_TODO
+def test_a_run_after_repack_processes_changed_files_and_gives_retired_rows_no_row(tmp_path, analytic_model, cli):
+    src = tmp_path / "src"
+    make_images(src, [(f"{n}.jpg", 96, 64, "jpeg", 1) for n in "abc"])
+    cli("pack", src, "--out", tmp_path / "ds", "-q")
+    args = ("--model", analytic_model, "--imgsz", 128, "-q")
+    assert cli("run", tmp_path / "ds", "--out", tmp_path / "run", *args).exit_code == 0
+    make_images(src, [("a.jpg", 96, 64, "jpeg", 1)], seed=9)
+    (src / "b.jpg").unlink()
+    cli("pack", src, "--out", tmp_path / "ds", "-q")
+    r = cli("run", tmp_path / "ds", "--out", tmp_path / "run", *args)  # resumed: the new a.jpg only
+    assert r.exit_code == 0 and "(1 processed now)" in r.output, r.output
+    r = cli("run", tmp_path / "ds", "--out", tmp_path / "fresh", *args)
+    assert r.exit_code == 0, r.output
+    rows = read_images(tmp_path / "fresh").to_pylist()
+    assert sorted((row["path"], row["image_id"], row["status"]) for row in rows) == [
+        ("a.jpg", 3, "ok"), ("c.jpg", 2, "ok")]
 
 
 def test_repack_of_another_source_mirrors_it_and_says_so(tmp_path, cli):

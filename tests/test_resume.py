@@ -26,7 +26,7 @@ from bulkdet.demo import draw_upright, random_rects
 from bulkdet.ingest.pack import pack
 from bulkdet.run.runner import RunConfig, run
 from bulkdet.store.parts import prepare_run_dir, read_detections, read_images
-from conftest import CORRUPT_NOT_RUN_YET, ROOT, make_images
+from conftest import RUNNER_STATUS_RULES_TODO, ROOT, make_images
 
 # Small and fast: tiny images and input, and a commit every 2 images, so a run makes many
 # parts and a kill lands between, inside or before commits.
@@ -177,7 +177,7 @@ def test_resume_after_a_kill_between_the_two_renames(dataset, baseline, analytic
     assert parts == {p.name for p in (out / "images").glob("*.parquet")}
 
 
-@CORRUPT_NOT_RUN_YET
+@RUNNER_STATUS_RULES_TODO
 def test_retry_failed_reprocesses_only_failed_images(dataset, baseline, analytic_model, cli, tmp_path,
                                                      monkeypatch):
     out = tmp_path / "run"
