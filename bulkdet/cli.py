@@ -191,20 +191,51 @@ def pack(
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Larger images get status too_large."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
-    """Store every image under SRC_DIR, bytes unchanged, in LMDB shards plus a manifest."""
-    from bulkdet.ingest.pack import pack as do_pack
+    """Store every image under SRC_DIR, bytes unchanged, in LMDB shards plus a manifest.
+
+    Again into the same --out: new files are added, changed ones get a new row, deleted ones
+    are marked (see docs/reliability.md).
+    """
+    from bulkdet.ingest.pack import PackUsageError, pack as do_pack
+    from bulkdet.store.lock import FolderInUse
 
     _setup_logging(quiet)
     try:
         with _quiet_native_output(quiet):
             s = do_pack(src_dir, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet)
+    except (FolderInUse, PackUsageError) as exc:  # another pack holds --out, or --out is the source
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE)
     except (OSError, RuntimeError) as exc:  # e.g. disk full: committed shards are kept and reused
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
-    not_usable = {st: n for st, n in s.by_status.items() if st != "ok"}
-    typer.echo(f"packed {s.new} new files ({s.found} in all, {s.duplicates} duplicate contents stored once, "
-               f"{s.stored_bytes / 1e6:.1f} MB stored) into {s.shards} shard(s) in {out}"
-               + (f"; {sum(not_usable.values())} not usable: {not_usable}" if not_usable else ""))
+    typer.echo(pack_summary_line(s, out))
+
+
+def pack_summary_line(s, out: Path) -> str:
+    """What a pack did, in one line (and a warning line when the source folder changed)."""
+    from bulkdet.store.manifest import PROCESSED_STATUSES
+
+    not_usable = {st: n for st, n in s.by_status.items() if st not in PROCESSED_STATUSES}
+    parts = [f"packed {s.new} new files ({s.found} in all, {s.duplicates} duplicate contents stored once, "
+             f"{s.stored_bytes / 1e6:.1f} MB stored) into {s.shards} shard(s) in {out}"]
+    if s.changed or s.deleted or s.unchanged:
+        parts.append(f"{s.changed} changed (new rows), {s.deleted} deleted"
+                     + (f" ({s.renamed} renamed)" if s.renamed else "") + f", {s.unchanged} unchanged"
+                     + (f" ({s.restored} stored again)" if s.restored else ""))
+    if s.by_status.get("corrupt"):
+        parts.append(f"{s.by_status['corrupt']} corrupt (stored and run; reasons in the manifest)")
+    if not_usable:
+        parts.append(f"{sum(not_usable.values())} not usable: {not_usable}")
+    if s.notes.folder_links:
+        parts.append(f"{len(s.notes.folder_links)} link(s) to folders not followed (--follow-symlinks)")
+    if s.notes.bulkdet_folders:
+        parts.append(f"bulkdet folders not packed: {', '.join(s.notes.bulkdet_folders)}")
+    line = "; ".join(parts)
+    if s.previous_source:
+        line = (f"warning: the last pack into {out} read {s.previous_source}: the dataset now mirrors this "
+                f"source (files only in the other one are marked deleted)\n{line}")
+    return line
 
 
 @app.command()

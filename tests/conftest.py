@@ -16,7 +16,6 @@ from bulkdet.synthetic import build_analytic_detector, random_rects, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip, with the reason, on machines without an NVIDIA GPU."""
     try:

@@ -124,7 +124,7 @@ def test_the_choices_have_one_home_shared_by_the_cli_and_the_checks(cli, analyti
 
 def not_models(folder):
     """Files that are no ONNX model: text, a PNG, a truncated model, an empty file."""
-    from bulkdet.demo import build_analytic_detector
+    from bulkdet.synthetic import build_analytic_detector
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "notes.onnx").write_text("this is not a model\n")

@@ -22,10 +22,10 @@ from bulkdet.synthetic import compare_with_truth, draw_upright, random_rects, wr
 from bulkdet.ingest.imageinfo import sniff
 from bulkdet.run.plan import Batch, letterbox
 from bulkdet.store.parts import read_detections, read_images
-from bulkdet.store.manifest import read_manifest
+from bulkdet.store.manifest import processed, read_manifest
 from bulkdet.store.shards import shard_keys, shard_path
 from conftest import ROOT, make_images
-from hostile_corpus import FOLLOWED_LINKS, build_hostile_corpus, png16_bytes, write_bomb_png
+from hostile_corpus import build_hostile_corpus, png16_bytes, write_bomb_png
 
 IMGSZ = 256
 
@@ -79,7 +79,8 @@ def test_hostile_corpus_packs_and_runs_to_exit_3_with_every_file_once(tmp_path, 
     assert {p: row["status"] for p, row in rows.items()} == expected
     for path, row in rows.items():
         assert (row["error"] is None) == (row["status"] == "ok"), (path, row["error"])
-    assert "image file is truncated" in rows["bad/truncated.jpg"]["error"]
+    assert "truncated" in rows["bad/truncated.jpg"]["error"]
+    assert rows["bad/garbage_after_1kb.jpg"]["error"].startswith("corrupt")
     assert "exceeds --max-pixels" in rows["bad/bomb_20000x20000.png"]["error"]
 
     # Every image that decodes has its rectangles found, whatever its format or name.
@@ -91,12 +92,12 @@ def test_hostile_corpus_packs_and_runs_to_exit_3_with_every_file_once(tmp_path, 
     assert one_pixel["class_name"] == "red"
     assert np.allclose([one_pixel[k] for k in ("x1", "y1", "x2", "y2")], [0, 0, 1, 1], atol=0.05)
 
-    # The same bytes under two paths: stored once, both rows there, same key.
+    # The same bytes under three paths (a copy, a link): stored once, every row there, same key.
     keys = dict(zip(manifest.column("path").to_pylist(), manifest.column("key").to_pylist()))
-    assert keys["good/a.jpg"] == keys["good/dup_of_a.jpg"]
+    assert keys["good/a.jpg"] == keys["good/dup_of_a.jpg"] == keys["links/to_good.jpg"]
     stored = shard_keys(shard_path(tmp_path / "ds" / "shards", 0))
-    ok_keys = [k for k, s in zip(keys.values(), manifest.column("status").to_pylist()) if s == "ok"]
-    assert stored == set(ok_keys) and len(stored) == len(ok_keys) - 1
+    stored_keys = processed(manifest).column("key").to_pylist()  # ok and corrupt: bytes stored
+    assert stored == set(stored_keys) and len(stored) == len(stored_keys) - 2
 
     # The printed query lists exactly the failed inputs.
     query = r.output.split('duckdb -c "', 1)[1].rsplit('"', 1)[0]
@@ -106,16 +107,14 @@ def test_hostile_corpus_packs_and_runs_to_exit_3_with_every_file_once(tmp_path, 
 def test_follow_symlinks_resolves_links_and_detects_loops(tmp_path, cli):
     src = tmp_path / "src"
     expected, _ = build_hostile_corpus(src)
-    expected.update(FOLLOWED_LINKS)
     r = cli("pack", src, "--out", tmp_path / "ds", "--follow-symlinks", "-q")
     assert r.exit_code == 0, r.output
     manifest = read_manifest(tmp_path / "ds").to_pylist()
-    assert Counter(row["path"] for row in manifest) == Counter(expected.keys())
+    assert Counter(row["path"] for row in manifest) == Counter(expected.keys())  # links/loop: no row
     rows = {row["path"]: row for row in manifest}
-    # decode_error only shows at run time; at pack those files are ok.
+    # decode_error only shows at run time; at pack such a file (a truncated one) is corrupt.
     assert {p: row["status"] for p, row in rows.items()} == {
-        p: "ok" if s == "decode_error" else s for p, s in expected.items()}
-    assert "loop" in rows["links/loop"]["error"]
+        p: "corrupt" if s == "decode_error" else s for p, s in expected.items()}
     assert "dangling" in rows["links/dangling.jpg"]["error"]
     assert "Too many levels of symbolic links" in rows["links/self"]["error"]
     assert "Input/output error" in rows["links/io_error.jpg"]["error"]

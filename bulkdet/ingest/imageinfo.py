@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -38,14 +39,18 @@ class ImageInfo:
     orientation: int  # EXIF 1..8; 1 when absent
 
 
-def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Read an encoded image's header. Raises ImageError with a status on bad input."""
-    if not data:
-        raise ImageError("unsupported", "empty file (0 bytes)")
+def sniff(source: bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read an encoded image's header: `source` is its bytes, or a binary file of which only
+    the header is read. Raises ImageError with a status on bad input; OSError when a read fails.
+    """
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError("unsupported", "empty file (0 bytes)")
+        source = io.BytesIO(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(source) as im:
                 fmt = im.format
                 width, height = im.size
                 _check(fmt, width, height, max_pixels)  # before anything that may decode pixels
@@ -54,6 +59,10 @@ def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
         raise
     except Image.UnidentifiedImageError:
         raise ImageError("unsupported", "not a recognised image format") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the file's read failed (e.g. EIO): not the image's fault
+            raise
+        raise ImageError("unsupported", f"unreadable image header: {exc}") from None
     except Exception as exc:
         raise ImageError("unsupported", f"unreadable image header: {exc}") from None
     if orientation not in range(1, 9):

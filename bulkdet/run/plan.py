@@ -106,6 +106,8 @@ class Batch:
     height: np.ndarray
     input_hw: tuple[int, int]
     letterbox: Letterbox
+    pack_status: list[str] | None = None  # the manifest's status (ok, corrupt): kept when the image decodes
+    pack_error: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -143,10 +145,15 @@ class BatchPlan:
             batch_id=i, shard=int(self.shard[start]), image_ids=self.image_id[start:end],
             paths=rows.column("path").to_pylist(), keys=rows.column("key").to_pylist(),
             width=self.width[start:end], height=self.height[start:end], input_hw=(h, w),
-            letterbox=centred(self.new_w[start:end], self.new_h[start:end], h, w))
+            letterbox=centred(self.new_w[start:end], self.new_h[start:end], h, w),
+            pack_status=_optional(rows, "status"), pack_error=_optional(rows, "error"))
 
     def batch_sizes(self) -> np.ndarray:
         return np.diff(self.starts)
+
+
+def _optional(table: pa.Table, name: str) -> list | None:
+    return table.column(name).to_pylist() if name in table.column_names else None
 
 
 def _column(table: pa.Table, name: str) -> np.ndarray:

@@ -36,7 +36,7 @@ from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget,
 from bulkdet.run.postprocess import INFER_ERROR, postprocess
 from bulkdet.run.precision_check import check_run_precision
 from bulkdet.run.progress import Progress
-from bulkdet.store.manifest import dataset_id, read_manifest
+from bulkdet.store.manifest import dataset_id, processed, read_manifest, unprocessed
 from bulkdet.store.run_folder import PartWriter, RunFolder
 from bulkdet.store.shards import ShardReader
 from bulkdet.system.devices import Selection, select as select_device
@@ -134,7 +134,7 @@ def run(cfg: RunConfig, execute: Executor | None = None) -> RunSummary:
     manifest = read_manifest(cfg.dataset)
     with RunFolder.open(cfg.out, job.identity, overwrite=cfg.overwrite) as folder:
         if cfg.retry_failed:
-            folder.drop_failed_rows(stored_ids(manifest, cfg.shards))
+            folder.drop_failed_rows(retryable_ids(manifest, cfg.shards))
         todo, unstored = rows_left(manifest, folder.done, cfg.shards)
         folder.start(job.run_json)
         with folder.writer(job.model.names, job.metadata, cfg.commit_images) as writer:
@@ -171,17 +171,16 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
 
 
 def rows_left(manifest: pa.Table, done: set[int], shards: list[int] | None) -> tuple[pa.Table, pa.Table]:
-    """(rows to process: bytes stored, not committed; rows with no bytes, not committed), of our shards."""
+    """(rows to process, rows written as they are: failed at pack), not committed yet, of our shards."""
     if done:
         manifest = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa_array(done))))
     if shards is not None:
         manifest = manifest.filter(pc.is_in(manifest.column("shard"), pa_array(shards).cast("int32")))
-    stored = pc.greater_equal(manifest.column("shard"), 0)
-    return manifest.filter(stored), manifest.filter(pc.invert(stored))
+    return processed(manifest), unprocessed(manifest)
 
 
-def stored_ids(manifest: pa.Table, shards: list[int] | None) -> set[int]:
-    """Images whose bytes are stored (of our shards): what --retry-failed can process again."""
+def retryable_ids(manifest: pa.Table, shards: list[int] | None) -> set[int]:
+    """Images --retry-failed can process again: those a run processes (bytes stored), of our shards."""
     return set(rows_left(manifest, set(), shards)[0].column("image_id").to_pylist())
 
 
@@ -310,10 +309,12 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
 
     def write(work: _Work):
         batch, errors, dets = work.batch, work.decoded.errors, work.detections
-        status = ["decode_error" if i in errors else INFER_ERROR if dets[i].error else "ok"
+        pack_status = batch.pack_status or ["ok"] * len(batch)  # "corrupt" stays, with its detections
+        pack_error = batch.pack_error or [None] * len(batch)
+        status = ["decode_error" if i in errors else INFER_ERROR if dets[i].error else pack_status[i]
                   for i in range(len(batch))]
         writer.add_images(batch.shard, batch.image_ids, batch.paths, batch.width, batch.height, status,
-                          [errors.get(i) or dets[i].error for i in range(len(batch))],
+                          [errors.get(i) or dets[i].error or pack_error[i] for i in range(len(batch))],
                           [None if i in errors or d.error else d for i, d in enumerate(dets)])
         progress.update(len(batch), work.encoded_bytes, len(batch) - status.count("ok"))
 

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bulkdet.store.atomic import write_json_atomic, write_parquet_atomic
@@ -17,25 +18,52 @@ MANIFEST_SCHEMA = pa.schema([
     ("path", pa.string()),  # relative to the packed source folder
     ("shard", pa.int32()),  # -1 when the file's bytes are not stored (non-ok status)
     ("key", pa.binary()),  # sha256 of the bytes; the LMDB key
-    ("bytes", pa.int64()),
+    ("bytes", pa.int64()),  # the file's size
     ("format", pa.string()),
     ("width", pa.int32()),  # upright (EXIF orientation applied)
     ("height", pa.int32()),
     ("orientation", pa.int8()),
     ("status", pa.string()),
     ("error", pa.string()),
+    ("mtime_ns", pa.int64()),  # the file's modification time: with `bytes`, what re-pack compares first
 ])
+
+# Which rows a run processes (decodes and detects): those whose bytes are stored. A `corrupt`
+# image (damaged data found at pack) is processed too: a partly grey image may still hold a
+# useful detection; its row keeps the status and the reason.
+PROCESSED_STATUSES = ("ok", "corrupt")
+# Rows re-pack keeps only so that image ids stay stable: the file is gone (`deleted`) or its
+# content changed (`replaced`, by a row with a new image_id). A run gives them no row.
+RETIRED_STATUSES = ("deleted", "replaced")
+
+
+def processed(table: pa.Table) -> pa.Table:
+    """The manifest rows a run decodes and runs through the model."""
+    return table.filter(pc.is_in(table.column("status"), pa.array(PROCESSED_STATUSES)))
+
+
+def unprocessed(table: pa.Table) -> pa.Table:
+    """The rows a run writes as they are (failed at pack: no bytes to process); retired rows excluded."""
+    return table.filter(pc.invert(pc.is_in(table.column("status"),
+                                           pa.array(PROCESSED_STATUSES + RETIRED_STATUSES))))
+
+
+MANIFEST_NAME = "manifest.parquet"
 
 
 def manifest_path(dataset_dir: Path) -> Path:
-    return Path(dataset_dir) / "manifest.parquet"
+    return Path(dataset_dir) / MANIFEST_NAME
 
 
 def read_manifest(dataset_dir: Path) -> pa.Table:
     path = manifest_path(dataset_dir)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {dataset_dir} a dataset made by `bulkdet pack`?")
-    return pq.read_table(path, schema=MANIFEST_SCHEMA)
+    table = pq.read_table(path)
+    for name in MANIFEST_SCHEMA.names:  # a manifest written before a column existed: nulls
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(len(table), MANIFEST_SCHEMA.field(name).type))
+    return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
 
 
 def write_manifest(dataset_dir: Path, rows: list[dict]) -> Path:
@@ -55,6 +83,17 @@ def dataset_id(dataset_dir: Path) -> str:
     if path.exists():
         return json.loads(path.read_text())["dataset_id"]
     return f"path:{Path(dataset_dir).resolve()}"
+
+
+def record_source(dataset_dir: Path, src: Path) -> str | None:
+    """Remember the folder this pack read (in dataset.json); returns the one the last pack read."""
+    path = Path(dataset_dir) / DATASET_FILE
+    info = json.loads(path.read_text())
+    previous = info.get("source")
+    info["source"] = str(Path(src).resolve())
+    if info["source"] != previous:
+        write_json_atomic(info, path)
+    return previous
 
 
 def ensure_dataset_id(dataset_dir: Path) -> str:

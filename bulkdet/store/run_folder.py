@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from bulkdet.store.atomic import TMP_SUFFIX, fsync_dir, write_json_atomic, write_parquet_atomic
 from bulkdet.store.lock import LOCK_NAME, FolderLock
+from bulkdet.store.manifest import PROCESSED_STATUSES
 from bulkdet.store.parts import (DETECTIONS_DIR, DETECTIONS_SCHEMA, FINGERPRINT, IMAGES_DIR, IMAGES_SCHEMA,
                                  JOURNAL, METRICS, PART_RE, RUN_JSON, committed_ids, count_results,
                                  detections_parts, images_parts, is_run_folder, part_label, part_name)
@@ -197,7 +198,8 @@ class RunFolder:
     # ------------------------------------------------------------------------- resume
 
     def drop_failed_rows(self, retryable_ids: set[int]) -> set[int]:
-        """--retry-failed: remove the non-ok rows of these images from their committed parts.
+        """--retry-failed: remove the failed rows of these images from their committed parts
+        (a `corrupt` row is not failed: it has its detections).
 
         Each affected images part is rewritten atomically without those rows (a part left with
         no rows is removed, images part first); the images are then no longer committed and the
@@ -208,7 +210,8 @@ class RunFolder:
         ids = pa.array(sorted(retryable_ids), pa.int64())
         for part in images_parts(self.path):
             table = pq.read_table(part)
-            drop = pc.and_(pc.not_equal(table.column("status"), "ok"), pc.is_in(table.column("image_id"), ids))
+            failed = pc.invert(pc.is_in(table.column("status"), pa.array(PROCESSED_STATUSES)))
+            drop = pc.and_(failed, pc.is_in(table.column("image_id"), ids))
             n = int(pc.sum(drop).as_py() or 0)
             if not n:
                 continue

@@ -28,16 +28,42 @@ def existing_shards(shards_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+class ShardDamaged(RuntimeError):
+    """A shard file is missing or damaged: reading it would fail, or kill the process (SIGBUS)."""
+
+
+def open_shard(path: Path, **kwargs) -> lmdb.Environment:
+    """Open a shard read-only after checking it is whole; raises ShardDamaged naming what is wrong.
+
+    LMDB maps the file: a page past the end of a truncated file kills the reader with SIGBUS
+    (no exception). So the file's size is checked against LMDB's own header first: the last
+    page the latest committed transaction uses must lie within the file.
+    """
+    try:
+        size = Path(path).stat().st_size
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, **kwargs)
+    except FileNotFoundError:
+        raise ShardDamaged(f"shard {path} is missing") from None
+    except (OSError, lmdb.Error) as exc:
+        raise ShardDamaged(f"shard {path} cannot be opened by LMDB: {exc}") from None
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    if size < needed:
+        env.close()
+        raise ShardDamaged(f"shard {path} is truncated: {size} bytes, its LMDB header says {needed}")
+    return env
+
+
 def shard_keys(path: Path) -> set[bytes]:
     """All keys committed in a shard (a killed pack leaves only committed transactions).
 
-    A pack killed while creating a shard can leave a file LMDB can't open (e.g. 0 bytes):
-    it holds nothing committed, so it counts as empty (new shards get higher numbers).
+    A shard that is damaged (see open_shard) counts as empty: the caller stores its images
+    again. A pack killed while creating a shard can leave a file LMDB can't open (0 bytes),
+    which holds nothing committed anyway.
     """
     try:
-        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False)
-    except lmdb.Error as exc:
-        log.warning("ignoring shard %s, which holds nothing readable: %s", path, exc)
+        env = open_shard(path)
+    except ShardDamaged as exc:
+        log.warning("ignoring %s", exc)
         return set()
     try:
         with env.begin() as txn:
@@ -127,13 +153,21 @@ class ShardReader:
         self.shards_dir = Path(shards_dir)
         self._envs: dict[int, lmdb.Environment] = {}
 
-    def get_many(self, shard: int, keys: list[bytes]) -> list[bytes | None]:
+    def open(self, shard: int) -> lmdb.Environment:
+        """The shard's environment, checked when first opened (a damaged shard raises ShardDamaged)."""
         env = self._envs.get(shard)
         if env is None:
-            env = lmdb.open(str(shard_path(self.shards_dir, shard)), subdir=False, readonly=True,
-                            lock=False, readahead=False, max_readers=512)
+            path = shard_path(self.shards_dir, shard)
+            try:
+                env = open_shard(path, readahead=False, max_readers=512)
+            except ShardDamaged as exc:
+                raise ShardDamaged(f"the dataset is damaged: {exc}. Run the same `bulkdet pack` again: it "
+                                   "stores that shard's images again from the source folder") from None
             self._envs[shard] = env
-        with env.begin(buffers=False) as txn:
+        return env
+
+    def get_many(self, shard: int, keys: list[bytes]) -> list[bytes | None]:
+        with self.open(shard).begin(buffers=False) as txn:
             return [txn.get(k) for k in keys]
 
     def close(self) -> None:
