@@ -230,6 +230,44 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for th
                f"no extra boxes. Results: {out / 'run'}")
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Run folder made by `bulkdet run`."),
+    fmt: str = typer.Option(..., "--format", help="megadetector | coco | labelstudio | yolo | csv"),
+    out: Path = typer.Option(..., "--out", help="File to write (a folder for yolo)."),
+    conf: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Keep detections scoring at least this "
+                                         "(default: all the run kept)."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", help="Keep these classes (names or ids; "
+                                                "repeat or comma-separate)."),
+    image_root: Optional[str] = typer.Option(None, help="labelstudio: prefix of each task's image "
+                                             "(e.g. /data/local-files/?d=photos/)."),
+    overwrite: bool = typer.Option(False, help="Replace what is at --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
+):
+    """Write a run's detections as MegaDetector JSON, COCO, Label Studio tasks, YOLO txt or CSV."""
+    from bulkdet.results.export import FORMATS, OutputExists, export
+
+    _setup_logging(quiet)
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="--format")
+    if image_root is not None and fmt != "labelstudio":
+        raise typer.BadParameter("only for --format labelstudio", param_hint="--image-root")
+    try:
+        s = export(run_dir, fmt, out, conf, classes, image_root, overwrite, quiet)
+    except OutputExists as exc:
+        _fail(exc, EXIT_USAGE)
+    except ValueError as exc:  # e.g. an unknown class
+        _fail(exc, EXIT_USAGE)
+    except (OSError, RuntimeError) as exc:  # FileNotFoundError: not a run folder
+        _fail(exc, EXIT_ERROR)
+    typer.echo(f"{s.images} images, {s.detections} detections -> {s.out} ({fmt})")
+
+
+def _fail(exc: Exception, code: int):
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code)
+
+
 def main():  # pragma: no cover
     app()
 

@@ -58,3 +58,22 @@ def write_json_atomic(obj, path: Path) -> Path:
     with _removed_on_error(tmp):
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
         return _commit(tmp, path)
+
+
+@contextmanager
+def open_atomic(path: Path, mode: str = "w", fsync: bool = True, **kwargs):
+    """A file written in steps (streamed) that appears only complete, at `path`, on success.
+
+    `fsync=False` for the many small files of one output folder (YOLO labels, crops): renaming
+    still hides a half-written file from a killed process; fsyncing each one would dominate.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with _removed_on_error(tmp):
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        if fsync:
+            _commit(tmp, path)
+        else:
+            os.replace(tmp, path)
