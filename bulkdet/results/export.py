@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from bulkdet.results.stream import PartResults, RunInfo, count_images, iter_images, iter_parts
+from bulkdet.results.stream import PartResults, RunInfo, UsageError, count_images, iter_images, iter_parts
 from bulkdet.run.progress import Progress
 from bulkdet.store.atomic import open_atomic
 
@@ -30,7 +30,7 @@ CSV_COLUMNS = ["path", "image_id", "class_id", "class_name", "score", "x1", "y1"
 LS_FROM_NAME, LS_TO_NAME = "label", "image"
 
 
-class OutputExists(ValueError):
+class OutputExists(UsageError):
     """The output path holds something and the user did not consent to replacing it."""
 
 
@@ -56,7 +56,7 @@ class ExportSummary:
 def export(run_dir: Path, fmt: str, out: Path, conf: float | None = None, classes: list[str] | None = None,
            image_root: str | None = None, overwrite: bool = False, quiet: bool = False) -> ExportSummary:
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     info = RunInfo.load(run_dir)
     class_ids = info.class_ids(classes)
     out = Path(out)
@@ -233,7 +233,7 @@ def yolo_label_path(out: Path, image_path: str) -> Path:
     """OUT/<the image's path relative to the packed folder, suffix .txt>."""
     rel = PurePosixPath(image_path)
     if rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(f"image path {image_path!r} would leave {out}")
+        raise RuntimeError(f"image path {image_path!r} would leave {out}")
     return out / rel.with_suffix(".txt")
 
 

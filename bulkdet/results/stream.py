@@ -21,6 +21,10 @@ from bulkdet.results.report import read_run_json
 from bulkdet.store.parts import DETECTIONS_SCHEMA, IMAGES_SCHEMA, detections_parts, images_parts
 
 
+class UsageError(ValueError):
+    """The user asked for something the run cannot give (e.g. a class it does not have)."""
+
+
 @dataclass
 class RunInfo:
     """What the readers of a run need from run.json."""
@@ -39,7 +43,7 @@ class RunInfo:
         return cls(Path(run_dir), run, names)
 
     def class_ids(self, classes: list[str] | None) -> list[int] | None:
-        """Class ids for names or ids given by the user (None: all). Unknown ones raise ValueError."""
+        """Class ids for names or ids given by the user (None: all). Unknown ones raise UsageError."""
         if not classes:
             return None
         by_name = {v: k for k, v in self.names.items()}
@@ -51,7 +55,7 @@ class RunInfo:
                 ids.append(int(c))
             elif c:
                 known = ", ".join(f"{k}={v}" for k, v in sorted(self.names.items()))
-                raise ValueError(f"unknown class {c!r}; the run's classes are: {known}")
+                raise UsageError(f"unknown class {c!r}; the run's classes are: {known}")
         return sorted(set(ids))
 
 
