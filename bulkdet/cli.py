@@ -296,6 +296,32 @@ def crops_cmd(
         raise typer.Exit(EXIT_FAILED_INPUTS)
 
 
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Run folder made by `bulkdet run`."),
+    labels: Path = typer.Option(..., "--labels", exists=True, help="COCO ground-truth JSON, or a YOLO labels folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Score a run against labels: COCO mAP@[.5:.95], mAP@.5, per-class AP and recall (pycocotools)."""
+    from bulkdet.results.evaluate import evaluate
+    from bulkdet.results.report import print_eval
+    from bulkdet.results.stream import UsageError
+
+    try:
+        result = evaluate(run_dir, labels)
+    except UsageError as exc:
+        _fail(exc, EXIT_USAGE)
+    except (OSError, RuntimeError) as exc:
+        _fail(exc, EXIT_ERROR)
+    if as_json:
+        curves = ("recall_thresholds", "pr50")  # in RUN/eval.json, for the report's plots
+        per_class = {k: {f: v for f, v in c.items() if f not in curves} for k, c in result["per_class"].items()}
+        typer.echo(json.dumps({**{k: v for k, v in result.items() if k not in curves}, "per_class": per_class},
+                              indent=2))
+    else:
+        print_eval(result)
+
+
 def _fail(exc: Exception, code: int):
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(code)

@@ -52,6 +52,18 @@ def read_run_json(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+EVAL_FILE = "eval.json"  # written by `bulkdet eval`
+
+
+def read_eval(run_dir: Path) -> dict | None:
+    """The eval saved in the run folder, if it was made for this run (not one it replaced)."""
+    path = Path(run_dir) / EVAL_FILE
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("run_id") == read_run_json(run_dir).get("run_id") else None
+
+
 def summarize(run_dir: Path) -> dict:
     """Everything the report shows, as plain data (also the --json output)."""
     run_dir = Path(run_dir)
@@ -69,6 +81,9 @@ def summarize(run_dir: Path) -> dict:
     metrics = read_metrics(run_dir)
     if metrics is not None and len(metrics):
         out.update(timing_summary(metrics))
+    evaluation = read_eval(run_dir)
+    if evaluation is not None:
+        out["eval"] = evaluation
     return out
 
 
@@ -223,7 +238,23 @@ def print_report(run_dir: Path, console: Console | None = None) -> dict:
         for name, n in list(s["per_class"].items())[:15]:
             t.add_row(escape(name), str(n), f"{n / s['detections']:.1%}")
         console.print(t)
+    if "eval" in s:
+        print_eval(s["eval"], console)
     return s
+
+
+def print_eval(e: dict, console: Console | None = None) -> None:
+    """The result of `bulkdet eval`: mAPs, then AP and recall per class."""
+    console = console or Console()
+    t = Table(title=f"accuracy against {escape(e['labels'])} ({e['images']} labelled images; COCO mAP by "
+              f"pycocotools): mAP@[.5:.95] {e['map50_95']:.3f}, mAP@.5 {e['map50']:.3f}", title_justify="left")
+    for col in ("class", "labelled boxes", "AP@[.5:.95]", "AP@.5", "recall@[.5:.95]", "recall@.5"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for name, c in e["per_class"].items():
+        t.add_row(escape(name), str(c["gt"]), fmt(c["ap50_95"]), fmt(c["ap50"]), fmt(c["recall50_95"]),
+                  fmt(c["recall50"]))
+    console.print(t)
 
 
 def _print_timing(console: Console, s: dict) -> None:
