@@ -171,9 +171,9 @@ def _write_coco(info: RunInfo, parts: Callable[[], Iterator[PartResults]], f, **
             for img, d in _rows(part):
                 for c, _, s, x1, y1, x2, y2 in _boxes(d):
                     ann_id += 1
-                    w, h = x2 - x1, y2 - y1
+                    w, h = round(x2 - x1, 2), round(y2 - y1, 2)
                     yield {"id": ann_id, "image_id": img["image_id"], "category_id": c + 1,
-                           "bbox": [round(x1, 2), round(y1, 2), round(w, 2), round(h, 2)],
+                           "bbox": [round(x1, 2), round(y1, 2), w, h],
                            "score": round(s, 5), "area": round(w * h, 2), "iscrowd": 0}
 
     _json_items(f, annotations())
