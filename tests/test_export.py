@@ -232,3 +232,14 @@ def test_bad_format_is_a_usage_error(demo_run, cli, tmp_path):
     assert r.exit_code == 2 and "voc" in r.output
     r = cli("export", demo_run["run"], "--format", "csv", "--out", tmp_path / "x", "--image-root", "/x")
     assert r.exit_code == 2
+
+
+def test_slicing_a_part_changes_nothing(demo_run, cli, tmp_path, monkeypatch):
+    import bulkdet.results.export as export
+
+    whole = tmp_path / "whole.json"
+    assert cli("export", demo_run["run"], "--format", "megadetector", "--out", whole, "-q").exit_code == 0
+    monkeypatch.setattr(export, "ROWS_AT_ONCE", 2)  # parts hold 5 images: slices of 2, 2, 1
+    sliced = tmp_path / "sliced.json"
+    assert cli("export", demo_run["run"], "--format", "megadetector", "--out", sliced, "-q").exit_code == 0
+    assert sliced.read_text() == whole.read_text()

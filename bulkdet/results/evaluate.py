@@ -31,7 +31,7 @@ def _pycocotools():
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     except ImportError as exc:
-        raise UsageError(MISSING) from exc
+        raise RuntimeError(MISSING) from exc
     return COCO, COCOeval
 
 

@@ -28,6 +28,7 @@ MEGADETECTOR_FORMAT_VERSION = "1.4"  # has `failure` rows and `detector_metadata
 CSV_COLUMNS = ["path", "image_id", "class_id", "class_name", "score", "x1", "y1", "x2", "y2", "width", "height"]
 # Label Studio: the names of the <RectangleLabels> and <Image> tags of the labeling config.
 LS_FROM_NAME, LS_TO_NAME = "label", "image"
+ROWS_AT_ONCE = 256  # images turned into Python values at a time
 
 
 class OutputExists(UsageError):
@@ -82,13 +83,20 @@ def export(run_dir: Path, fmt: str, out: Path, conf: float | None = None, classe
 
 
 def _rows(part: PartResults) -> Iterator[tuple[dict, dict]]:
-    """(image row, its detections as column lists) per image of a part, as plain Python values."""
-    images = part.images.to_pydict()
-    dets = {k: v.to_pylist() for k, v in zip(part.detections.column_names, part.detections.columns)}
-    off = part.offsets.tolist()
-    for i in range(len(part.images)):
-        yield ({k: v[i] for k, v in images.items()},
-               {k: v[off[i]:off[i + 1]] for k, v in dets.items()})
+    """(image row, its detections as column lists) per image of a part, as plain Python values.
+
+    Converted ROWS_AT_ONCE images at a time: Python objects cost far more memory than Arrow's.
+    """
+    for start in range(0, len(part.images), ROWS_AT_ONCE):
+        stop = min(start + ROWS_AT_ONCE, len(part.images))
+        first, last = int(part.offsets[start]), int(part.offsets[stop])
+        images = part.images.slice(start, stop - start).to_pydict()
+        d = part.detections.slice(first, last - first)
+        dets = {k: v.to_pylist() for k, v in zip(d.column_names, d.columns)}
+        off = (part.offsets[start:stop + 1] - first).tolist()
+        for i in range(stop - start):
+            yield ({k: v[i] for k, v in images.items()},
+                   {k: v[off[i]:off[i + 1]] for k, v in dets.items()})
 
 
 def _boxes(d: dict) -> Iterator[tuple[int, str, float, float, float, float, float]]:
