@@ -85,3 +85,15 @@ def test_crop_regions_geometry():
     np.testing.assert_array_equal(crop_regions(boxes, w, h, 2, False), [[8, 19, 32, 33], [0, 0, 7, 7], [88, 38, 100, 50]])
     np.testing.assert_array_equal(crop_regions(boxes[:1], w[:1], h[:1], 0.5, False), [[0, 16, 40, 36]])
     np.testing.assert_array_equal(crop_regions(boxes[:1], w[:1], h[:1], 0, True), [[10, 16, 30, 36]])
+
+
+def test_another_dataset_is_caught(demo_run, cli, tmp_path):
+    from conftest import make_images
+
+    from bulkdet.ingest.pack import pack
+
+    make_images(tmp_path / "other", [(f"o_{i:02d}.png", 80, 60, "png", 1) for i in range(24)])
+    pack(tmp_path / "other", tmp_path / "other_ds", quiet=True)
+    r = cli("crops", demo_run["run"], "--out", tmp_path / "crops", "--dataset", tmp_path / "other_ds", "-q")
+    assert r.exit_code == 3 and "could not be read" in r.output
+    assert not list((tmp_path / "crops").rglob("*.jpg"))
