@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -75,8 +75,9 @@ def export(run_dir: Path, fmt: str, out: Path, conf: float | None = None, classe
         if fmt == "yolo":
             counts.images = _write_yolo(info, parts(), out)
         else:
-            with open_atomic(out, "wb" if fmt == "csv" else "w", **({} if fmt == "csv" else {"encoding": "utf-8"})) as f:
-                counts.images = WRITERS[fmt](info, parts, f, conf=conf, image_root=image_root)
+            binary = fmt == "csv"  # Arrow's CSV writer takes bytes
+            with open_atomic(out, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+                counts.images = WRITERS[fmt](info, parts(), f, conf=conf, image_root=image_root)
     finally:
         progress.close()
     return counts
@@ -118,7 +119,7 @@ def _completion_time(info: RunInfo) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def _write_megadetector(info: RunInfo, parts: Callable[[], Iterator[PartResults]], f, conf, **_) -> int:
+def _write_megadetector(info: RunInfo, parts: Iterator[PartResults], f, conf, **_) -> int:
     cfg = info.config
     threshold = max(conf or 0.0, cfg.get("conf") or 0.0)
     head = {
@@ -139,7 +140,7 @@ def _write_megadetector(info: RunInfo, parts: Callable[[], Iterator[PartResults]
     f.write(json.dumps(head, indent=1)[:-2] + ',\n "images": ')
 
     def images():
-        for part in parts():
+        for part in parts:
             for img, d in _rows(part):
                 if img["status"] != "ok":
                     failure = img["status"] + (f": {img['error']}" if img["error"] else "")
@@ -161,7 +162,7 @@ def _clip01(v: float) -> float:
     return min(max(v, 0.0), 1.0)
 
 
-def _write_coco(info: RunInfo, parts: Callable[[], Iterator[PartResults]], f, **_) -> int:
+def _write_coco(info: RunInfo, parts: Iterator[PartResults], f, **_) -> int:
     """Two passes over the parts (images, then annotations) keep memory flat; failed images are left out."""
     head = {"info": {"description": f"bulkdet run {info.run.get('run_id')}",
                      "date_created": _completion_time(info)},
@@ -175,7 +176,7 @@ def _write_coco(info: RunInfo, parts: Callable[[], Iterator[PartResults]], f, **
 
     def annotations():
         ann_id = 0
-        for part in parts():
+        for part in parts:
             for img, d in _rows(part):
                 for c, _, s, x1, y1, x2, y2 in _boxes(d):
                     ann_id += 1
@@ -196,11 +197,11 @@ def image_url(path: str, image_root: str | None) -> str:
     return image_root + path if image_root.endswith(("/", "=")) else f"{image_root}/{path}"
 
 
-def _write_labelstudio(info: RunInfo, parts: Callable[[], Iterator[PartResults]], f, image_root, **_) -> int:
+def _write_labelstudio(info: RunInfo, parts: Iterator[PartResults], f, image_root, **_) -> int:
     model_version = f"{Path(info.run.get('model', {}).get('path', 'model')).name} run {info.run.get('run_id')}"
 
     def tasks():
-        for part in parts():
+        for part in parts:
             for img, d in _rows(part):
                 if img["status"] != "ok":
                     continue
@@ -219,14 +220,14 @@ def _write_labelstudio(info: RunInfo, parts: Callable[[], Iterator[PartResults]]
     return _json_items(f, tasks())
 
 
-def _write_csv(info: RunInfo, parts: Callable[[], Iterator[PartResults]], f, **_) -> int:
+def _write_csv(info: RunInfo, parts: Iterator[PartResults], f, **_) -> int:
     schema = pa.schema([("path", pa.string()), ("image_id", pa.int64()), ("class_id", pa.int16()),
                         ("class_name", pa.string()), ("score", pa.float32()), ("x1", pa.float32()),
                         ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32()),
                         ("width", pa.int32()), ("height", pa.int32())])
     n = 0
     with pacsv.CSVWriter(f, schema) as writer:
-        for part in parts():
+        for part in parts:
             n += sum(1 for s in part.images.column("status").to_pylist() if s == "ok")
             row = np.repeat(np.arange(len(part.images)), np.diff(part.offsets))
             d = part.detections
