@@ -423,6 +423,103 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", file_okay=False,
         raise typer.Exit(EXIT_ERROR)
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Run folder made by `bulkdet run`."),
+    fmt: str = typer.Option(..., "--format", help="megadetector | coco | labelstudio | yolo | csv"),
+    out: Path = typer.Option(..., "--out", help="File to write (a folder for yolo)."),
+    conf: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Keep detections scoring at least this "
+                                         "(default: all the run kept)."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", help="Keep these classes (names or ids; "
+                                                "repeat or comma-separate)."),
+    image_root: Optional[str] = typer.Option(None, help="labelstudio: prefix of each task's image "
+                                             "(e.g. /data/local-files/?d=photos/)."),
+    overwrite: bool = typer.Option(False, help="Replace what is at --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
+):
+    """Write a run's detections as MegaDetector JSON, COCO, Label Studio tasks, YOLO txt or CSV."""
+    from bulkdet.results.export import FORMATS, export
+    from bulkdet.results.run_info import UsageError
+
+    _setup_logging(quiet)
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="--format")
+    if image_root is not None and fmt != "labelstudio":
+        raise typer.BadParameter("only for --format labelstudio", param_hint="--image-root")
+    try:
+        s = export(run_dir, fmt, out, conf, classes, image_root, overwrite, quiet)
+    except UsageError as exc:  # --out taken, an unknown class
+        _fail(exc, EXIT_USAGE)
+    except (OSError, RuntimeError) as exc:  # FileNotFoundError: not a run folder
+        _fail(exc, EXIT_ERROR)
+    typer.echo(f"{s.images} images, {s.detections} detections -> {s.out} ({fmt})")
+
+
+@app.command("crops")
+def crops_cmd(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Run folder made by `bulkdet run`."),
+    out: Path = typer.Option(..., "--out", help="Folder for the crops (a subfolder per class) and crops.parquet."),
+    conf: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Crop detections scoring at least this."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", help="Crop these classes (names or ids; "
+                                                "repeat or comma-separate)."),
+    pad: float = typer.Option(0.0, min=0.0, help="Margin on each side: pixels (>= 1) or a fraction of the "
+                              "box's side (< 1)."),
+    min_size: int = typer.Option(0, min=0, help="Skip boxes whose shorter side is under this many pixels."),
+    square: bool = typer.Option(False, help="Widen the shorter side to make square crops (within the image)."),
+    dataset: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
+                                           help="The dataset the run read, if it moved (default: from run.json)."),
+    overwrite: bool = typer.Option(False, help="Rewrite every crop, and write into a folder bulkdet did not fill."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
+):
+    """Cut each detection out of its image into OUT/CLASS/*.jpg, indexed by OUT/crops.parquet."""
+    from bulkdet.results.crops import crops
+    from bulkdet.results.run_info import UsageError
+
+    _setup_logging(quiet)
+    try:
+        s = crops(run_dir, out, conf, classes, pad, min_size, square, dataset, overwrite, quiet)
+    except UsageError as exc:
+        _fail(exc, EXIT_USAGE)
+    except (OSError, RuntimeError) as exc:
+        _fail(exc, EXIT_ERROR)
+    typer.echo(f"{s.crops} crops in {s.out} ({s.written} written, {s.skipped} already there) "
+               f"from {s.images_decoded} decoded images"
+               + (f"; {s.failed_images} image(s) could not be read" if s.failed_images else ""))
+    if s.failed_images:
+        raise typer.Exit(EXIT_FAILED_INPUTS)
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Run folder made by `bulkdet run`."),
+    labels: Path = typer.Option(..., "--labels", exists=True, help="COCO ground-truth JSON, or a YOLO labels folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Score a run against labels: COCO mAP@[.5:.95], mAP@.5, per-class AP and recall (pycocotools)."""
+    from bulkdet.results.evaluate import evaluate
+    from bulkdet.results.report import print_eval
+    from bulkdet.results.run_info import UsageError
+
+    try:
+        result = evaluate(run_dir, labels)
+    except UsageError as exc:
+        _fail(exc, EXIT_USAGE)
+    except (OSError, RuntimeError) as exc:
+        _fail(exc, EXIT_ERROR)
+    if as_json:
+        curves = ("recall_thresholds", "pr50")  # in RUN/eval.json, for the report's plots
+        per_class = {k: {f: v for f, v in c.items() if f not in curves} for k, c in result["per_class"].items()}
+        typer.echo(json.dumps({**{k: v for k, v in result.items() if k not in curves}, "per_class": per_class},
+                              indent=2))
+    else:
+        print_eval(result)
+
+
+def _fail(exc: Exception, code: int):
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code)
+
+
 def main():  # pragma: no cover
     app()
 

@@ -65,3 +65,20 @@ def run_bulkdet(*args, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "bulkdet", *map(str, args)], env=env,
                           capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, analytic_model) -> dict:
+    """The demo's images (known truth, sub-folders, EXIF orientations, JPEG and PNG) plus one
+    corrupt file, packed and run by the analytic detector: a finished run folder to read back."""
+    from bulkdet.synthetic import make_demo_images
+    from bulkdet.ingest.pack import pack
+    from bulkdet.run.runner import RunConfig, run
+
+    root = tmp_path_factory.mktemp("demo_run")
+    truth = make_demo_images(root / "images", n=16, truth_path=root / "truth.json")
+    (root / "images" / "set_a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    pack(root / "images", root / "dataset", shard_size_mb=0.5, quiet=True)  # several shards
+    run(RunConfig(root / "dataset", analytic_model, root / "run", quiet=True, commit_images=5))  # several parts
+    return {"root": root, "truth": truth, "run": root / "run", "dataset": root / "dataset",
+            "images": root / "images"}

@@ -83,7 +83,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from conftest import ROOT, make_images
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from bulkdet.results.report import summarize, timeline
 from bulkdet.store.atomic import write_text_atomic
-from bulkdet.store.parts import iter_detections, iter_images, read_metrics, read_run_json
+from bulkdet.store.parts import RESULT_STATUSES, iter_detections, iter_images, read_metrics, read_run_json
 
 N_SAMPLES = 6
 LABELLED_BOXES = 15  # boxes with a text label per sample (the highest scores); the rest are outlines only
@@ -148,6 +148,23 @@ def plot_scores(s: dict) -> str:
     return _svg(fig)
 
 
+def plot_pr(e: dict) -> str:
+    """Precision against recall at IoU .50, one curve per class (from `bulkdet eval`)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    recall = e["recall_thresholds"]
+    for i, (name, c) in enumerate(e["per_class"].items()):
+        if c.get("pr50"):
+            ax.plot(recall, c["pr50"], color=PALETTE[i % len(PALETTE)], label=f"{name} (AP@.5 {c['ap50']:.3f})")
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"Precision-recall at IoU .50 against {Path(e['labels']).name}")
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    return _svg(fig)
+
+
 # ----------------------------------------------------------------------------------------
 # Samples
 # ----------------------------------------------------------------------------------------
@@ -155,7 +172,7 @@ def plot_scores(s: dict) -> str:
 def pick_samples(run_dir: Path, k: int = N_SAMPLES) -> list[dict]:
     """Up to k images with detections, spread evenly over the run (by image id)."""
     rows = list(iter_images(run_dir, ["image_id", "path", "width", "height", "n_det", "status"],
-                            filter=(pc.field("status") == "ok") & (pc.field("n_det") > 0)))
+                            filter=pc.field("status").isin(RESULT_STATUSES) & (pc.field("n_det") > 0)))
     if not rows:
         return []
     found = pa.Table.from_batches(rows).sort_by("image_id")
@@ -282,6 +299,10 @@ def render_html(run_dir: Path) -> str:
         plots += [plot_throughput(t, s), plot_stages(t, s), plot_batch_sizes(s)]
     if s["per_class"]:
         plots += [plot_classes(s), plot_scores(s)]
+    if "eval" in s:
+        cards += [_card(f"{s['eval']['map50_95']:.3f}", "mAP@[.5:.95]"), _card(f"{s['eval']['map50']:.3f}", "mAP@.5")]
+        if s["eval"]["recall_thresholds"]:
+            plots.append(plot_pr(s["eval"]))
     figures = "".join(f'<figure class="plot">{p}</figure>' for p in plots)
     meta = (f"run {s['run_id']} ({s['state']}) · device {s['device']} · backend {s['backend']} · "
             f"provider {s['provider']} · precision {s['precision']} · model {s['model']}")

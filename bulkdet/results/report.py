@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bulkdet.run.metrics import stages_of
-from bulkdet.store.parts import iter_detections, iter_images, read_metrics, read_run_json
+from bulkdet.store.parts import iter_detections, iter_images, read_eval, read_metrics, read_run_json
 
 FIRST_FAILURES = 3  # paths shown per failure status
 SCORE_BINS = 50  # score histogram bins over 0..1
@@ -59,6 +59,9 @@ def summarize(run_dir: Path) -> dict:
     metrics = read_metrics(run_dir)
     if metrics is not None and len(metrics):
         out.update(timing_summary(metrics))
+    evaluation = read_eval(run_dir)
+    if evaluation is not None:
+        out["eval"] = evaluation
     return out
 
 
@@ -211,7 +214,23 @@ def print_report(run_dir: Path, console: Console | None = None) -> dict:
         for name, n in list(s["per_class"].items())[:15]:
             t.add_row(escape(name), str(n), f"{n / s['detections']:.1%}")
         console.print(t)
+    if "eval" in s:
+        print_eval(s["eval"], console)
     return s
+
+
+def print_eval(e: dict, console: Console | None = None) -> None:
+    """The result of `bulkdet eval`: mAPs, then AP and recall per class."""
+    console = console or Console()
+    t = Table(title=f"accuracy against {escape(e['labels'])} ({e['images']} labelled images; COCO mAP by "
+              f"pycocotools): mAP@[.5:.95] {e['map50_95']:.3f}, mAP@.5 {e['map50']:.3f}", title_justify="left")
+    for col in ("class", "labelled boxes", "AP@[.5:.95]", "AP@.5", "recall@[.5:.95]", "recall@.5"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for name, c in e["per_class"].items():
+        t.add_row(escape(name), str(c["gt"]), fmt(c["ap50_95"]), fmt(c["ap50"]), fmt(c["recall50_95"]),
+                  fmt(c["recall50"]))
+    console.print(t)
 
 
 def _print_timing(console: Console, s: dict) -> None:

@@ -94,3 +94,23 @@ def copy_atomic(source: Path, path: Path, per_process: bool = False) -> Path:
     with atomic_path(path, per_process) as tmp:
         shutil.copyfile(source, tmp)
     return Path(path)
+
+
+@contextmanager
+def open_atomic(path: Path, mode: str = "w", fsync: bool = True, **kwargs):
+    """A file written in steps (streamed) that appears only complete, at `path`, on success.
+
+    `fsync=False` for the many small files of one output folder (YOLO labels, crops): renaming
+    still hides a half-written file from a killed process; fsyncing each one would dominate.
+    The temporary name holds the process id: a user's own `name.tmp` is never touched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path, per_process=True)
+    with _removed_on_error(tmp):
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        if fsync:
+            commit(tmp, path)
+        else:
+            os.replace(tmp, path)

@@ -8,6 +8,7 @@ A run folder holds:
     run.json                               what ran, how, and how it ended (state)
     fingerprint.json                       what the results depend on (model, thresholds, dataset)
     metrics.parquet                        one row per batch: where the time went
+    eval.json                              the last `bulkdet eval` against labels (optional)
     .bulkdet.lock                          who is writing it now (store/lock.py)
 
 Everything that reads results (report, export, crops, eval, the tests) reads through this
@@ -19,13 +20,17 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from bulkdet.store.manifest import PROCESSED_STATUSES
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -50,6 +55,9 @@ DETECTIONS_SCHEMA = pa.schema([
 
 IMAGES_DIR, DETECTIONS_DIR = "images", "detections"
 RUN_JSON, FINGERPRINT, JOURNAL, METRICS = "run.json", "fingerprint.json", "journal.jsonl", "metrics.parquet"
+EVAL = "eval.json"  # written by `bulkdet eval`
+# Images rows whose detections were written: ok, and corrupt (damaged data that still decoded).
+RESULT_STATUSES = PROCESSED_STATUSES
 # Parts are named by shard (the unit of work), so workers on different shards never collide;
 # images with no stored bytes (failed at pack) go to "unstored" parts.
 PART_RE = re.compile(r"^part-(s\d{5}|unstored)-(\d{5})\.parquet$")
@@ -157,3 +165,76 @@ def read_metrics(run_dir: Path) -> pa.Table | None:
     if not path.exists():
         return None
     return _read(path, None)
+
+
+def read_eval(run_dir: Path) -> dict | None:
+    """The eval saved in the run folder, if it was made for this run (not one it replaced)."""
+    path = Path(run_dir) / EVAL
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("run_id") == read_run_json(run_dir).get("run_id") else None
+
+
+def count_images(run_dir: Path) -> int:
+    """Images committed in the run, from the parts' footers (nothing else read)."""
+    return sum(pq.read_metadata(p).num_rows for p in images_parts(run_dir))
+
+
+@dataclass
+class PartResults:
+    """One committed part: its images, and their detections grouped by image.
+
+    The detections of `images` row i are `detections` rows offsets[i]:offsets[i + 1], in the
+    order the run stored them.
+    """
+    images: pa.Table
+    detections: pa.Table
+    offsets: np.ndarray
+
+    def column(self, table: str, name: str) -> np.ndarray:
+        return getattr(self, table).column(name).to_numpy(zero_copy_only=False)
+
+
+def iter_parts(run_dir: Path, conf: float | None = None, class_ids: list[int] | None = None,
+               image_columns: list[str] | None = None) -> Iterator[PartResults]:
+    """The run's parts in order, detections filtered (score >= conf, class in class_ids).
+
+    `class_name` comes out as plain strings.
+    """
+    run_dir = Path(run_dir)
+    det_dir = {p.name: p for p in detections_parts(run_dir)}
+    for part in images_parts(run_dir):
+        images = _read(part, image_columns or IMAGES_SCHEMA.names)
+        det_part = det_dir.get(part.name)
+        dets = _read(det_part, None) if det_part is not None else DETECTIONS_SCHEMA.empty_table()
+        keep = None
+        if conf is not None:
+            keep = pc.greater_equal(dets.column("score"), pa.scalar(conf, pa.float32()))
+        if class_ids is not None:
+            in_classes = pc.is_in(dets.column("class_id"), pa.array(class_ids, pa.int16()))
+            keep = in_classes if keep is None else pc.and_(keep, in_classes)
+        if keep is not None:
+            dets = dets.filter(keep)
+        names = dets.column("class_name")
+        if isinstance(names.type, pa.DictionaryType):
+            dets = dets.set_column(dets.schema.get_field_index("class_name"), "class_name",
+                                   names.cast(pa.string()))
+        yield _group(images, dets)
+
+
+def _group(images: pa.Table, dets: pa.Table) -> PartResults:
+    """Order detections by their image's row in `images`; offsets per image row."""
+    n = len(images)
+    img_ids = images.column("image_id").to_numpy()
+    det_ids = dets.column("image_id").to_numpy()
+    order = np.argsort(img_ids, kind="stable")
+    at = np.clip(np.searchsorted(img_ids[order], det_ids), 0, max(n - 1, 0))
+    row = order[at] if n else at
+    if len(det_ids) and (n == 0 or not np.array_equal(img_ids[row], det_ids)):
+        raise BrokenPart("a detections part holds an image its images part does not: the run folder is "
+                         "damaged; run the same `bulkdet run` command again: it checks and redoes broken parts")
+    perm = np.argsort(row, kind="stable")
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(row, minlength=n)[:n], out=offsets[1:])
+    return PartResults(images, dets.take(perm), offsets)

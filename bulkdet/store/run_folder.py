@@ -35,13 +35,13 @@ import pyarrow.parquet as pq
 from bulkdet.store.atomic import TMP_SUFFIX, fsync_dir, write_json_atomic, write_parquet_atomic
 from bulkdet.store.lock import LOCK_NAME, FolderLock
 from bulkdet.store.manifest import PROCESSED_STATUSES
-from bulkdet.store.parts import (DETECTIONS_DIR, DETECTIONS_SCHEMA, FINGERPRINT, IMAGES_DIR, IMAGES_SCHEMA,
+from bulkdet.store.parts import (EVAL, DETECTIONS_DIR, DETECTIONS_SCHEMA, FINGERPRINT, IMAGES_DIR, IMAGES_SCHEMA,
                                  JOURNAL, METRICS, PART_RE, RUN_JSON, committed_ids, count_results,
                                  detections_parts, images_parts, is_run_folder, part_label, part_name)
 
 log = logging.getLogger("bulkdet")
 
-RUN_FILES = (RUN_JSON, FINGERPRINT, JOURNAL, METRICS)  # besides the parts and the lock
+RUN_FILES = (RUN_JSON, FINGERPRINT, JOURNAL, METRICS, EVAL)  # besides the parts and the lock
 
 
 class RunFolderRefused(RuntimeError):

@@ -1,0 +1,48 @@
+"""What `export`, `crops` and `eval` need of a run besides its rows: its class names, the user's class choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bulkdet.store.parts import read_run_json
+
+
+class UsageError(ValueError):
+    """The user asked for something the run cannot give (e.g. a class it does not have)."""
+
+
+@dataclass
+class RunInfo:
+    """What the readers of a run need from run.json."""
+    run_dir: Path
+    run: dict  # run.json as stored
+    names: dict[int, str]  # class id -> name, from the model (or --names) the run used
+
+    @property
+    def config(self) -> dict:
+        return self.run.get("config", {})
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunInfo":
+        run = read_run_json(run_dir)
+        names = {int(k): str(v) for k, v in (run.get("model", {}).get("names") or {}).items()}
+        return cls(Path(run_dir), run, names)
+
+    def class_ids(self, classes: list[str] | None) -> list[int] | None:
+        """Class ids for names or ids given by the user (None: all). Unknown ones raise UsageError."""
+        if not classes:
+            return None
+        by_name = {v: k for k, v in self.names.items()}
+        ids = []
+        for c in (c.strip() for item in classes for c in item.split(",")):
+            if c in by_name:
+                ids.append(by_name[c])
+            elif c.isdigit() and (int(c) in self.names or not self.names):
+                ids.append(int(c))
+            elif c:
+                known = ", ".join(f"{k}={v}" for k, v in sorted(self.names.items()))
+                raise UsageError(f"unknown class {c!r}; the run's classes are: {known}")
+        return sorted(set(ids))
+
+
