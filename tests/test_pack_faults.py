@@ -13,6 +13,7 @@ from collections import Counter
 
 import lmdb
 import numpy as np
+import pytest
 from PIL import Image
 
 from bulkdet.ingest.pack import pack
@@ -62,6 +63,7 @@ def _check_shards(shards_dir) -> dict[bytes, int]:
     return where
 
 
+@pytest.mark.slow
 def test_kill_9_during_pack_keeps_committed_shards_and_a_rerun_completes(tmp_path):
     rng = np.random.default_rng(int(os.environ.get("BULKDET_KILL_SEED", time.time_ns() % 100_000)))
     src = tmp_path / "src"
