@@ -32,20 +32,35 @@ def test_probe_reports_what_the_libraries_say():
         assert b["available"] or b["why_not"], b
 
 
-def test_probe_says_why_gpu_backends_are_unavailable():
+def test_probe_says_whether_each_gpu_part_is_usable_and_why_not():
+    """On any machine: each GPU part is usable, or unusable for the reason that holds here."""
     p = probe()
+    gpus = p["gpu"]["gpus"]
+    assert bool(gpus) != bool(p["gpu"]["error"]), p["gpu"]  # GPUs listed, or why none: one of the two
+    assert p["dali"]["devices"][1:] == [f"gpu:{i}" for i in range(len(p["dali"]["devices"]) - 1)]
+    mixed = _backend(p, "dali decode on gpu")
+    assert mixed["available"] == (len(p["dali"]["devices"]) > 1)
+    if not gpus:
+        assert not mixed["available"] and "no GPU" in mixed["why_not"]
+
+    ort_gpu = _backend(p, "onnxruntime on gpu")
+    assert ort_gpu["available"] == ("CUDAExecutionProvider" not in p["onnxruntime"]["unavailable"])
     if not HAS_GPU_EP:
-        why = _backend(p, "onnxruntime on gpu")["why_not"]
+        why = ort_gpu["why_not"]
         assert "not in this onnxruntime build" in why and "pip install bulkdet[gpu]" in why
-        assert "CUDAExecutionProvider" in p["onnxruntime"]["unavailable"]
+    elif not gpus:
+        assert ort_gpu["why_not"] == "in this build, but no GPU found"
+    else:  # a one-node session on the CUDA provider decides
+        assert ort_gpu["available"] or ort_gpu["why_not"].startswith("listed, but")
+
+    trt = _backend(p, "tensorrt")
     if not HAS_TENSORRT:
         assert p["tensorrt"] == {"version": None, "error": "not installed (pip install bulkdet[gpu])"}
-        assert not _backend(p, "tensorrt")["available"]
-    if not p["gpu"]["gpus"]:
-        assert p["gpu"]["error"]  # e.g. "no NVIDIA driver (libnvidia-ml.so not found)"
-        mixed = _backend(p, "dali decode on gpu")
-        assert not mixed["available"] and "no GPU" in mixed["why_not"]
-        assert p["dali"]["devices"] == ["cpu"]
+        assert not trt["available"]
+    elif not gpus:
+        assert p["tensorrt"]["error"] == "installed, but no GPU found" and not trt["available"]
+    else:
+        assert trt["available"] == (p["tensorrt"]["error"] is None and p["cuda_python"]["version"] is not None)
 
 
 def test_cli_info_prints_versions_and_reasons(cli):
