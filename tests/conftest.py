@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -13,22 +14,26 @@ from typer.testing import CliRunner
 
 from bulkdet.cli import app
 from bulkdet.synthetic import build_analytic_detector, random_rects, write_image
+from bulkdet.system.devices import GpuStatus
+from bulkdet.system.devices import probe as probe_gpu_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-def pytest_collection_modifyitems(config, items):
-    """GPU tests skip, with the reason, on machines without an NVIDIA GPU."""
-    try:
-        import cupy  # noqa: F401
 
-        has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        has_gpu = os.path.exists("/dev/nvidia0")
-    if not has_gpu:
-        skip = pytest.mark.skip(reason="needs an NVIDIA GPU; none on this machine")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+@functools.cache
+def gpu_status() -> GpuStatus:
+    """What this machine has for the GPU path, as `bulkdet run` sees it; probed once per session."""
+    return probe_gpu_path()
+
+
+@pytest.hookimpl(trylast=True)  # after -m has deselected: `-m "not gpu"` never probes
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip, with the reason, on machines where bulkdet finds no NVIDIA GPU."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and not gpu_status().gpus:
+        skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU: {gpu_status().missing.get('driver', 'none found')}")
+        for item in gpu_items:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -112,6 +112,7 @@ def _run(path, x):
     return sess.run(["output0"], {"images": x})[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("b,h,w", [(1, 640, 640), (2, 384, 640), (1, 256, 192)])
 def test_onnx_output_is_ultralytics_layout(model_path, b, h, w):
     x = np.random.default_rng(0).random((b, 3, h, w), dtype=np.float32)
@@ -127,6 +128,7 @@ def test_onnx_output_is_ultralytics_layout(model_path, b, h, w):
     assert -h < y[:, 1].min() and y[:, 1].max() < 2 * h
 
 
+@pytest.mark.slow
 def test_onnx_metadata_like_ultralytics(model_path):
     import onnx
 
@@ -150,6 +152,7 @@ def model0(yolo):
     return yolo.build_model(seed=0)
 
 
+@pytest.mark.slow
 def test_model_is_realistic_size_and_gives_few_candidates(yolo, model0, model_path):
     assert 3.10e6 < yolo.count_params(model0) < 3.20e6
     assert 8.0e9 < yolo.count_flops(model0, 640, 640) < 9.5e9
@@ -160,6 +163,7 @@ def test_model_is_realistic_size_and_gives_few_candidates(yolo, model0, model_pa
     assert sum(counts) > 0, counts
 
 
+@pytest.mark.slow
 def test_export_is_deterministic_per_seed(yolo, model0, model_path, tmp_path):
     again = yolo.export_onnx(tmp_path / "again.onnx", seed=0)
     assert again.read_bytes() == model_path.read_bytes()
@@ -168,6 +172,7 @@ def test_export_is_deterministic_per_seed(yolo, model0, model_path, tmp_path):
     assert w0.shape == w1.shape and not w0.equal(w1)
 
 
+@pytest.mark.slow
 def test_ensure_model_exports_once(yolo, tmp_path, monkeypatch):
     calls = []
 

@@ -300,6 +300,7 @@ def test_postprocess_refuses_inf_and_nan_per_image():
 
 # ------------------------------------------------------------- native output, unexpected errors
 
+@pytest.mark.slow
 def test_quiet_silences_dalis_own_error_lines(analytic_model, tmp_path):
     from bulkdet.ingest.pack import pack
 
@@ -330,6 +331,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_comes_with_debug(cli,
         cli("--debug", "info")
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback_in_a_real_process(tmp_path):
     (tmp_path / "run.json").write_text("[]")  # JSON, but no run's: nothing was written for this case
     plain = run_bulkdet("report", tmp_path)

@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_finds_every_rectangle(cli, tmp_path):
     r = cli("demo", "--out", tmp_path)
     assert r.exit_code == 0, r.output

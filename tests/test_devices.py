@@ -5,16 +5,16 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import make_images
+from conftest import gpu_status, make_images
 
-from bulkdet.system.devices import DeviceError, GpuStatus, probe, select
+from bulkdet.system.devices import DeviceError, GpuStatus, select
 from bulkdet.engines import create_engine
 
 GPU_OK = GpuStatus(gpus=1, gpu_name="NVIDIA H100", compute_capability=(9, 0), onnxruntime_cuda=True,
                    tensorrt="10.9.0")
 NO_DRIVER = GpuStatus(missing={"driver": "no NVIDIA driver (libcuda.so.1 not found)",
                                "onnxruntime": "onnxruntime has no CUDA provider", "tensorrt": "no tensorrt module"})
-HERE = probe()
+HERE = gpu_status()  # devices.probe() on this machine
 
 
 def _without(status: GpuStatus, **missing) -> GpuStatus:

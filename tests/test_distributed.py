@@ -71,6 +71,7 @@ def local_rows(dataset, analytic_model, tmp_path_factory):
     return _rows(out)
 
 
+@pytest.mark.slow
 def test_ray_run_equals_local_run(ray_cluster, dataset, analytic_model, local_rows, tmp_path, cli):
     dataset_dir, truth = dataset
     out = tmp_path / "run"
@@ -95,6 +96,7 @@ def test_ray_run_equals_local_run(ray_cluster, dataset, analytic_model, local_ro
     assert summary["detections"] == len(dets)
 
 
+@pytest.mark.slow
 def test_killed_worker_redoes_only_its_shard(ray_cluster, dataset, analytic_model, local_rows, tmp_path):
     """SIGKILL a worker right after its first commit: its shard is redone, the output stays exact."""
     out = tmp_path / "run"
@@ -143,6 +145,7 @@ def _worker(part) -> str:
     return pq.read_schema(part).metadata[b"bulkdet.worker"].decode()
 
 
+@pytest.mark.slow
 def test_ray_resume_skips_committed_shards(ray_cluster, dataset, analytic_model, local_rows, tmp_path):
     """A run that did some shards locally is finished on Ray: only the rest is processed."""
     from bulkdet.run.distributed import run_on_ray

@@ -9,10 +9,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import gpu_status
 from conv_detector import build_conv_detector, packed_dataset
 
 from bulkdet.synthetic import compare_with_truth
-from bulkdet.system.devices import probe
 from bulkdet.store.parts import read_detections
 
 pytestmark = pytest.mark.gpu
@@ -22,7 +22,7 @@ SPECS += [("p.png", 300, 200, "png", 1)]
 
 
 def _needs(backend: str):
-    status = probe()
+    status = gpu_status()
     if not status.backend_ok(backend):
         pytest.skip(f"GPU path with {backend} not usable here: {'; '.join(status.problems(backend))}")
 

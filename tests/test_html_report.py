@@ -98,6 +98,7 @@ def test_html_is_one_self_contained_file(report, cli, tmp_path):
     assert "Throughput over time" in page and "Busy share" in page and "Score distribution" in page
 
 
+@pytest.mark.slow
 def test_html_renders_in_headless_chromium(report, tmp_path):
     if CHROMIUM is None:
         pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")

@@ -29,20 +29,34 @@ def test_probe_reports_what_the_libraries_say():
                                             "tensorrt", "dali decode on cpu", "dali decode on gpu (mixed)"]
 
 
-def test_probe_says_why_gpu_backends_are_unavailable():
+def test_probe_says_whether_each_gpu_part_is_usable_and_why_not():
+    """On any machine: each GPU part is usable, or unusable for the reason that holds here."""
     m = probe_machine()
+    gpus = m.gpu.gpus
+    assert bool(gpus) != bool(m.gpu.error), m.gpu  # GPUs listed, or why none: one of the two
+    assert m.dali.devices[1:] == [f"gpu:{i}" for i in range(len(m.dali.devices) - 1)]
+    mixed = m.backends.dali_gpu
+    assert mixed.available == (len(m.dali.devices) > 1)
+    if not gpus:
+        assert not mixed.available and "no GPU" in mixed.why_not
+
+    ort_gpu = m.backends.onnxruntime_gpu
+    assert ort_gpu.available == ("CUDAExecutionProvider" not in m.onnxruntime.unavailable)
     if not HAS_GPU_EP:
-        why = m.backends.onnxruntime_gpu.why_not
-        assert "not in this onnxruntime build" in why and "pip install bulkdet[gpu]" in why
-        assert "CUDAExecutionProvider" in m.onnxruntime.unavailable
+        assert "not in this onnxruntime build" in ort_gpu.why_not and "pip install bulkdet[gpu]" in ort_gpu.why_not
+    elif not gpus:
+        assert ort_gpu.why_not == "in this build, but no GPU found"
+    else:  # a one-node session on the CUDA provider decides
+        assert ort_gpu.available or ort_gpu.why_not.startswith("listed, but")
+
+    trt = m.backends.tensorrt
     if not HAS_TENSORRT:
         assert m.tensorrt == Library(None, "not installed (pip install bulkdet[gpu])")
-        assert not m.backends.tensorrt.available
-    if not m.gpu.gpus:
-        assert m.gpu.error  # e.g. "no NVIDIA driver (libnvidia-ml.so not found)"
-        mixed = m.backends.dali_gpu
-        assert not mixed.available and "no GPU" in mixed.why_not
-        assert m.dali.devices == ["cpu"]
+        assert not trt.available
+    elif not gpus:
+        assert m.tensorrt.error == "installed, but no GPU found" and not trt.available
+    else:
+        assert trt.available == (m.tensorrt.error is None and m.cuda_python.version is not None)
 
 
 def test_cli_info_prints_versions_and_reasons(cli):

@@ -67,6 +67,7 @@ def _check_shards(shards_dir) -> dict[bytes, int]:
     return where
 
 
+@pytest.mark.slow
 def test_kill_9_during_pack_keeps_committed_shards_and_a_rerun_completes(tmp_path):
     rng = np.random.default_rng(int(os.environ.get("BULKDET_KILL_SEED", time.time_ns() % 100_000)))
     src = tmp_path / "src"
@@ -145,6 +146,7 @@ def _lock_holder(lock_file) -> int | None:
         return None
 
 
+@pytest.mark.slow
 def test_two_packs_into_one_dataset_the_second_exits_2_and_a_killed_ones_lock_is_taken_over(tmp_path):
     rng = np.random.default_rng(5)
     src = tmp_path / "src"
@@ -190,6 +192,7 @@ def _pack_and_truncate(tmp_path, keep: float):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "deleted"])
+@pytest.mark.slow
 def test_a_damaged_shard_is_a_clear_error_naming_it_and_re_pack_repairs_it(tmp_path, analytic_model, damage):
     shard = _pack_and_truncate(tmp_path, 0.5)
     if damage == "deleted":

@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import os
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -77,6 +78,45 @@ def test_out_of_memory_with_one_image_is_an_error():
         HalvingInfer(never_fits)(np.zeros((8, 3, 4, 4), np.float32))
 
 
+def test_one_image_out_of_memory_beside_another_call_is_retried_alone():
+    """The inference workers share the memory: one image that fails while another call holds
+    it fits once that call has ended. Only a failure alone means the run is out of memory."""
+    holding, release, failed_beside = threading.Event(), threading.Event(), threading.Event()
+
+    def infer(batch):  # the memory fits one call at a time
+        if batch.flat[0] == 1:  # the other call: holds the memory until released
+            holding.set()
+            release.wait(10)
+            holding.clear()
+            return [batch]
+        if holding.is_set():
+            failed_beside.set()
+            raise MemoryError()
+        return [batch * 2]
+
+    halving = HalvingInfer(infer)
+    other = threading.Thread(target=halving, args=(np.ones((1, 3, 2, 2), np.float32),))
+    other.start()
+    assert holding.wait(10)
+    outcome = {}
+
+    def one_image():
+        try:
+            outcome["out"] = halving(np.full((1, 3, 2, 2), 3, np.float32))
+        except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=one_image)
+    worker.start()
+    assert failed_beside.wait(10)  # out of memory beside the other call; now waits for it to end
+    release.set()
+    other.join(10)
+    worker.join(10)
+    assert "error" not in outcome, outcome["error"]
+    assert np.array_equal(outcome["out"][0], np.full((1, 3, 2, 2), 6, np.float32))
+    assert halving.splits == 0 and halving.limit is None  # one image: nothing was split
+
+
 @pytest.fixture
 def small_dataset(tmp_path, cli):
     specs = [(f"img_{i:02d}.jpg", 48 + 4 * i, 64, "jpeg", 1) for i in range(24)]
@@ -94,7 +134,7 @@ def _results(run_dir):
 
 def test_out_of_memory_in_a_run_halves_the_batch_and_loses_nothing(small_dataset, analytic_model, cli, tmp_path,
                                                                    monkeypatch):
-    args = ("--imgsz", 64, "--max-batch", 16, "-q")
+    args = ("--imgsz", 64, "--max-batch", 16, "--infer-workers", 2, "-q")  # two workers share the arena
     r = cli("run", small_dataset, "--model", analytic_model, "--out", tmp_path / "plain", *args)
     assert r.exit_code == 3, r.output
     monkeypatch.setattr("bulkdet.run.runner.create_engine", lambda *a, **k: capped_engine(analytic_model))

@@ -1,4 +1,4 @@
-"""Exactly-once output: kill -9 at random moments, resume, and get what an uninterrupted run gets.
+"""Exactly-once output: kill -9 at planned points, resume, and get what an uninterrupted run gets.
 
 Also: a run killed between its two renames, --retry-failed, and refusing a RUN_DIR made with
 other settings.
@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -82,71 +81,107 @@ def assert_same_as_baseline(run_dir: Path, baseline: Path) -> None:
     assert not list(run_dir.rglob("*.tmp"))
 
 
-def _journal_lines(run_dir: Path) -> int:
+def _journal(run_dir: Path) -> list[dict]:
     try:
-        return (run_dir / "journal.jsonl").read_bytes().count(b"\n")
+        return [json.loads(line) for line in (run_dir / "journal.jsonl").read_text().splitlines()]
     except FileNotFoundError:
-        return 0
+        return []
 
 
-def _committed_images(run_dir: Path) -> int:
-    try:
-        return sum(json.loads(line)["images"] for line in (run_dir / "journal.jsonl").read_text().splitlines())
-    except FileNotFoundError:
-        return 0
+# bulkdet's CLI, killed with SIGKILL (by itself, so exactly there) the n-th time it reaches a
+# step of writing the run folder, KILL_AT="step:n". The steps show in os.replace and os.fsync:
+#   run.json                 run.json (state "running") renamed into place: started, nothing committed
+#   detections-written       a detections part's temporary file written, not yet renamed
+#   detections               a detections part renamed into place, its images part not yet written
+#   images-written           an images part's temporary file written, not yet renamed
+#   images                   an images part renamed into place (the commit), its journal line not yet
+#   journal                  a journal line fsynced: between two commits
+KILL_RUN = """
+import os, signal, sys
+from pathlib import Path
+step, n = os.environ["KILL_AT"].split(":")
+seen = [0]
+def reached(event):
+    if event == step:
+        seen[0] += 1
+        if seen[0] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+real_replace, real_fsync = os.replace, os.fsync
+def replace(src, dst, **kwargs):
+    real_replace(src, dst, **kwargs)
+    dst = Path(dst)
+    reached(dst.parent.name if dst.parent.name in ("images", "detections") else dst.name)
+def fsync(fd):
+    path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    if path.name.endswith(".tmp") and path.parent.name in ("images", "detections"):
+        reached(path.parent.name + "-written")
+    real_fsync(fd)
+    if path.name == "journal.jsonl":
+        reached("journal")
+os.replace, os.fsync = replace, fsync
+from bulkdet.cli import app
+app(sys.argv[1:])
+"""
+
+# One run per kill, each resuming the last: every step of a commit, and a resume right after
+# the commit/journal gap. Together they reach at most 13 of the run's 32 commits (checked), so
+# every kill lands before the run could finish and the final resume still has most of the work.
+KILLS = [("run.json", 1), ("detections-written", 2), ("detections", 3), ("journal", 2), ("images", 3),
+         ("images-written", 2)]
 
 
-def _start_run(dataset, model, out) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "bulkdet", "run", dataset, "--model", model, "--out", out,
-                             *map(str, RUN_ARGS)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _journaled_by(step: str, n: int) -> int:
+    """Journal lines a run killed at (step, n) wrote: the n-th commit's too only at "journal"."""
+    return 0 if step == "run.json" else n if step == "journal" else n - 1
 
 
-def test_kill_9_at_random_moments_then_resume_gives_identical_output(dataset, baseline, analytic_model, cli,
-                                                                     tmp_path):
-    seed = int(os.environ.get("BULKDET_KILL_SEED", time.time_ns() % 100_000))
-    rng = np.random.default_rng(seed)
+def _left_by_kill(run_dir: Path) -> str:
+    """Which step's leftovers the run folder holds beyond its journaled parts ("" for none)."""
+    journaled = {j["part"] for j in _journal(run_dir)}
+    images, detections = ({p.name for p in (run_dir / d).glob("*.parquet")} for d in ("images", "detections"))
+    for step, left in (("detections-written", list((run_dir / "detections").glob("*.tmp"))),
+                       ("images-written", list((run_dir / "images").glob("*.tmp"))),
+                       ("images", images - journaled), ("detections", detections - images)):
+        if left:
+            return step
+    return ""
+
+
+@pytest.mark.slow
+def test_kill_9_at_planned_points_then_resume_gives_identical_output(dataset, baseline, analytic_model, cli,
+                                                                   tmp_path):
     out = tmp_path / "run"
-    kills = []  # (how the moment was chosen, parts committed when killed)
-    for _ in range(8):
-        if len(kills) == 5:
-            break
-        proc = _start_run(dataset, analytic_model, out)
-        committed = _journal_lines(out)
-        # Waiting for commits needs work left for the kills still to come; near the end, kill
-        # during start-up instead (imports alone take longer than 0.3 s), so all kills land.
-        work_left = N_GOOD - _committed_images(out) > 8
-        if not work_left:
-            time.sleep(rng.uniform(0, 0.3))
-            how = "start-up"
-        elif rng.random() < 0.25:  # any moment from start-up on (imports, set-up, first batches)
-            time.sleep(rng.uniform(0, 1.0))
-            how = "time"
-        else:  # after 1..3 more commits, then 0..10 ms more: between or inside commits
-            target = committed + int(rng.integers(1, 4))
-            while proc.poll() is None and _journal_lines(out) < target:
-                time.sleep(0.002)
-            time.sleep(rng.uniform(0, 0.01))
-            how = "commits"
-        if proc.poll() is not None:
-            break  # finished before the kill: nothing left to interrupt
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills.append((how, _journal_lines(out)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert sum(n for _, n in KILLS) < len(_journal(baseline)), "the kills would reach the end of the run"
+    lines, recovered, pending = 0, 0, 0
+    for step, n in KILLS:
+        args = ["run", dataset, "--model", analytic_model, "--out", out, *RUN_ARGS]
+        proc = subprocess.run([sys.executable, "-c", KILL_RUN, *map(str, args)], env={**env, "KILL_AT": f"{step}:{n}"},
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -signal.SIGKILL, f"not killed at {step}:{n}: {proc.stderr[-2000:]}"
+        # Exactly the planned progress: the lines of the parts committed, and the line that a
+        # resume recovers for the part committed just before a kill at "images".
+        journal = _journal(out)
+        lines += pending + _journaled_by(step, n)
+        recovered += pending
+        assert len(journal) == lines, (step, n, journal)
+        assert sum(bool(j.get("recovered")) for j in journal) == recovered, (step, n, journal)
+        pending = int(step == "images")
+        assert _left_by_kill(out) == ("" if step in ("run.json", "journal") else step)
         # A reader sees only complete parts, each image at most once, even right after a kill.
         if (out / "images").exists():
             ids = [i for p in sorted((out / "images").glob("*.parquet"))
                    for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist()]
-            assert len(ids) == len(set(ids)), f"seed {seed}: duplicate rows after kill {len(kills)}"
+            assert len(ids) == len(set(ids)), f"duplicate rows after the kill at {step}:{n}"
             for p in (out / "detections").glob("*.parquet"):
                 pq.read_table(p)
-    assert len(kills) >= 5, f"seed {seed}: only {len(kills)} kills landed before the run finished: {kills}"
 
     r = cli("run", dataset, "--model", analytic_model, "--out", out, *RUN_ARGS)
     assert r.exit_code == 3, r.output  # finished; the truncated JPEG and the text file failed
     assert_same_as_baseline(out, baseline)
-    journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
-    assert {j["part"] for j in journal} == {p.name for p in (out / "images").glob("*.parquet")}, seed
+    journal = _journal(out)
+    assert {j["part"] for j in journal} == {p.name for p in (out / "images").glob("*.parquet")}
+    assert sum(bool(j.get("recovered")) for j in journal) == 1
 
 
 def test_resume_after_a_kill_between_the_two_renames(dataset, baseline, analytic_model, cli, tmp_path):

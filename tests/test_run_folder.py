@@ -159,6 +159,7 @@ def _hold_lock(folder):
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_folder_exits_2_naming_the_holder_and_a_dead_holder_is_taken_over(
         ds, analytic_model, cli, tmp_path, baseline):
     out = tmp_path / "run"

@@ -181,6 +181,7 @@ app(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_a_rerun_completes(tmp_path, dataset, analytic_model):
     ds, truth = dataset
     out = tmp_path / "run"
