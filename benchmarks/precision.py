@@ -36,6 +36,7 @@ from bulkdet.run.decode import Decoder
 from bulkdet.engines import create_engine
 from bulkdet.model.info import load_model_info
 from bulkdet.ingest.pack import pack
+from bulkdet.run.calibration import decoded_batches
 from bulkdet.run.plan import plan_batches
 from bulkdet.run.precision_check import Detector, check_precision, first_images
 from bulkdet.run.postprocess import postprocess
@@ -104,7 +105,7 @@ def main() -> None:
     t0 = time.perf_counter()
     fp16 = prepare_model(model, "fp16", cache=cache)
     t1 = time.perf_counter()
-    int8 = {target: prepare_model(model, "int8", Calibration(dataset, args.calib_images, imgsz=args.imgsz,
+    int8 = {target: prepare_model(model, "int8", Calibration(dataset, args.calib_images, imgsz=args.imgsz, feed=decoded_batches,
                                                              target=target), cache=cache)
             for target in ("cpu", "gpu")}
     t2 = time.perf_counter()

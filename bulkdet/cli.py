@@ -149,8 +149,7 @@ def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint:
     """The model (and --names) read before anything is written: a file that is no ONNX detector,
     or names that do not fit its output, is a bad option value (exit 2), not a failed run.
     `imgsz`: warn once when it is rounded up to the model's stride (None: not used)."""
-    from bulkdet.model.info import check_names_fit, is_engine_file, load_model_info, read_names_file
-    from bulkdet.run.plan import model_input_hw
+    from bulkdet.model.info import check_names_fit, is_engine_file, load_model_info, model_input_hw, read_names_file
 
     if is_engine_file(model):
         return  # read by TensorRT when the run starts (on the GPU)
@@ -346,6 +345,7 @@ def prepare(
 ):
     """Make the FP16 or INT8 (Q/DQ, calibrated) ONNX of MODEL; cached, reused by `run --precision`."""
     from bulkdet.model.precision import Calibration, export_prepared, prepare_model
+    from bulkdet.run.calibration import decoded_batches
 
     if precision is Precision.FP32:
         raise typer.BadParameter("fp32 is the model itself: prepare fp16 or int8", param_hint="'--precision'")
@@ -355,7 +355,7 @@ def prepare(
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
     _check_model(model, None, imgsz if precision is Precision.INT8 else None, param_hint="'MODEL'")
-    calibration = (Calibration(calib, calib_images, seed, imgsz, target.value)
+    calibration = (Calibration(calib, calib_images, seed, imgsz, target.value, feed=decoded_batches)
                    if precision is Precision.INT8 else None)
     try:
         with _quiet_native_output(quiet):

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 
 from bulkdet.synthetic import compare_with_truth
 from bulkdet.model.info import load_model_info, model_metadata
+from bulkdet.run.calibration import decoded_batches
 from bulkdet.run.plan import plan_batches
 from bulkdet.run.postprocess import Detections
 from bulkdet.run.precision_check import DriftReport, check_precision, first_images, match
@@ -37,7 +38,7 @@ def conv_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def int8_model(conv_model, dataset, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return prepare_model(conv_model, "int8", Calibration(dataset[0], images=6, imgsz=IMGSZ), cache), cache
+    return prepare_model(conv_model, "int8", Calibration(dataset[0], images=6, imgsz=IMGSZ, feed=decoded_batches), cache), cache
 
 
 def _letterboxed(n=2, h=IMGSZ, w=IMGSZ):
@@ -88,7 +89,7 @@ def test_int8_is_symmetric_qdq_that_runs_on_cpu(conv_model, int8_model):
 
 def test_int8_for_the_cpu_uses_uint8_activations(conv_model, dataset, int8_model):
     gpu, cache = int8_model
-    cpu = prepare_model(conv_model, "int8", Calibration(dataset[0], images=6, imgsz=IMGSZ, target="cpu"), cache)
+    cpu = prepare_model(conv_model, "int8", Calibration(dataset[0], images=6, imgsz=IMGSZ, target="cpu", feed=decoded_batches), cache)
     assert cpu.path != gpu.path and ".int8-cpu." in cpu.path.name and ".int8-gpu." in gpu.path.name
     model = onnx.load(str(cpu.path))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -115,7 +116,7 @@ def test_cache_key_covers_source_precision_and_calibration_sample(conv_model, da
 
 def test_int8_cache_hit_and_miss(conv_model, dataset, int8_model):
     prepared, cache = int8_model
-    hit = prepare_model(conv_model, "int8", Calibration(dataset[0], images=6, imgsz=IMGSZ), cache)
+    hit = prepare_model(conv_model, "int8", Calibration(dataset[0], images=6, imgsz=IMGSZ, feed=decoded_batches), cache)
     assert hit.cached and hit.path == prepared.path
     assert json.loads(hit.path.with_suffix(".json").read_text())["calibration"]["images"] == 6
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
+DEFAULT_STRIDE = 32  # pixels per output cell, when the model's metadata does not say
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 ENGINE_SUFFIXES = (".engine", ".plan")  # serialized TensorRT engines; any other file is read as ONNX
 
@@ -166,7 +167,7 @@ def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
 def _stride(value: str | None, path: Path) -> int:
     """The model's stride from its metadata (default 32): a positive whole number of pixels."""
     try:
-        stride = int(value or 32)
+        stride = int(value or DEFAULT_STRIDE)
     except ValueError:
         stride = 0
     if stride <= 0:
@@ -200,3 +201,13 @@ def detect_layout(shape: tuple[int, ...], nc: int | None, end2end: bool = False)
     if len(fits) == 1:  # e.g. [B, 7, 3]: 3 classes of 3 boxes, never 2 values per box
         return fits[0]
     return "yolov8" if a < b else "yolov5"  # boxes outnumber the values per box
+
+
+def model_input_hw(imgsz: int, stride: int = DEFAULT_STRIDE,
+                   fixed_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The model's full input (H, W): its fixed shape, else imgsz rounded up to the stride on both
+    sides. Images are resized to fit it; a bucket is this or narrower on one side."""
+    if fixed_hw:
+        return int(fixed_hw[0]), int(fixed_hw[1])
+    side = -(-int(imgsz) // stride) * stride
+    return side, side

@@ -27,7 +27,8 @@ import logging
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,7 @@ import pyarrow.compute as pc
 
 from bulkdet.choices import Int8Target, Precision
 from bulkdet.model.graph_nms import NMS_VERSION, add_nms
-from bulkdet.model.info import file_sha256, is_engine_file, load_model_info, model_metadata, read_onnx
-from bulkdet.run.plan import model_input_hw, plan_batches
+from bulkdet.model.info import file_sha256, is_engine_file, load_model_info, model_input_hw, model_metadata, read_onnx
 from bulkdet.store.atomic import commit, copy_atomic, write_json_atomic
 from bulkdet.store.cache import cache_dir
 
@@ -65,6 +65,10 @@ INT8_SCHEMES = {Int8Target.GPU: {"activations": "QInt8", "symmetric": True},
 FP16_BLOCKED_CASTS = frozenset({onnx.TensorProto.FLOAT})
 
 
+# Decoded model inputs of a calibration sample (float32 [n,3,H,W] batches).
+CalibrationFeed = Callable[["CalibrationSample"], Iterable[np.ndarray]]
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Which images calibrate INT8: N images of a packed dataset, drawn with a seed."""
@@ -74,6 +78,9 @@ class Calibration:
     seed: int = 0
     imgsz: int = 640  # input size for models with a dynamic input shape
     target: str = "gpu"  # the INT8 scheme: "gpu" (TensorRT-compatible, runs everywhere) or "cpu"
+    # The sample's images as model inputs (run/calibration.py decodes them with the run's own
+    # graph); passed in so that the model tools do not depend on the run's stages.
+    feed: CalibrationFeed | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ def prepare_model(source: Path, precision: str, calibration: Calibration | None 
         if precision == "fp16":
             convert_fp16(source, tmp_model)
         else:
-            quantize_int8(source, tmp_model, sample)
+            quantize_int8(source, tmp_model, sample, calibration.feed)
         _stamp(tmp_model, source, source_sha, precision, sample and sample.identity)
 
     provenance = {"source": str(source), "source_sha256": source_sha, "precision": precision, "key": key,
@@ -170,7 +177,7 @@ def with_nms(model: ModelFile, conf: float, iou: float, max_det: int, cache: Pat
 
 
 def model_for_run(model: Path, precision: str, dataset: Path, calib_images: int, imgsz: int,
-                  cache: Path | None = None, device: str = "gpu") -> ModelFile:
+                  cache: Path | None = None, device: str = "gpu", feed: CalibrationFeed | None = None) -> ModelFile:
     """What `run --precision` runs: INT8 calibrates on the run's own dataset at the run's input size,
     in the scheme of the device it runs on."""
     model = Path(model)
@@ -180,7 +187,8 @@ def model_for_run(model: Path, precision: str, dataset: Path, calib_images: int,
                              "--precision applies to ONNX models")
         sha = file_sha256(model)
         return ModelFile(model, "engine", sha, sha, cached=False)
-    calibration = Calibration(Path(dataset), calib_images, imgsz=imgsz, target=device) if precision == "int8" else None
+    calibration = (Calibration(Path(dataset), calib_images, imgsz=imgsz, target=device, feed=feed)
+                   if precision == "int8" else None)
     return prepare_model(model, precision, calibration, cache)
 
 
@@ -252,28 +260,19 @@ def calibration_sample(calibration: Calibration, model_path: Path) -> Calibratio
                              calibration.target, identity)
 
 
-class _DatasetReader:
+class _FeedReader:
+    """ONNX Runtime's calibration reader over the caller's decoded batches."""
 
-    def __init__(self, sample: CalibrationSample, input_name: str):
-        from bulkdet.run.decode import Decoder
-        from bulkdet.store.shards import ShardReader
-
-        self.input_name = input_name
-        self.batches = iter(plan_batches(sample.rows, sample.input_hw, sample.max_batch))
-        self.reader = ShardReader(sample.dataset / "shards")
-        self.decoder = Decoder("cpu", sample.max_batch, out_dtype=np.float32)
+    def __init__(self, batches: Iterator[np.ndarray], input_name: str):
+        self.batches, self.input_name = batches, input_name
         self.images = 0
 
     def get_next(self) -> dict | None:
-        for batch in self.batches:
-            encoded = [data or b"" for data in self.reader.get_many(batch.shard, batch.keys)]
-            decoded = self.decoder.decode(batch, encoded)
-            good = [i for i in range(len(batch)) if i not in decoded.errors]
-            if good:
-                self.images += len(good)
-                return {self.input_name: np.ascontiguousarray(decoded.tensor[good])}
-        self.reader.close()
-        return None
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        self.images += len(batch)
+        return {self.input_name: batch}
 
 
 def float_tail_nodes(graph: onnx.GraphProto) -> list[str]:
@@ -290,7 +289,7 @@ def float_tail_nodes(graph: onnx.GraphProto) -> list[str]:
     return [n.name for n, r in zip(graph.node, reaches) if not r]
 
 
-def quantize_int8(source: Path, out: Path, sample: CalibrationSample) -> None:
+def quantize_int8(source: Path, out: Path, sample: CalibrationSample, feed: CalibrationFeed) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -308,7 +307,10 @@ def quantize_int8(source: Path, out: Path, sample: CalibrationSample) -> None:
     if all(n.op_type not in WEIGHTED_OPS for n in model.graph.node):
         log.warning("%s has no Conv/MatMul/Gemm: INT8 leaves the model in float", source.name)
     onnx.save(model, str(pre))
-    reader = _DatasetReader(sample, _input_name(model))
+    if feed is None:
+        raise ValueError("INT8 calibration needs its images decoded: Calibration(feed=...) "
+                         "(bulkdet.run.calibration.decoded_batches)")
+    reader = _FeedReader(iter(feed(sample)), _input_name(model))
     scheme = INT8_SCHEMES[sample.target]
     quantize_static(
         str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,

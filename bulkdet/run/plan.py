@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-DEFAULT_STRIDE = 32
+from bulkdet.model.info import DEFAULT_STRIDE, model_input_hw
+
 # CPU: batch size barely changes throughput, while the engine's memory grows with the
 # pixels of a batch (0.1-0.2 GB per million input pixels for YOLOv8n): two 640x640
 # inputs, three 640x384 ones, or --max-batch small ones.
@@ -66,16 +67,6 @@ def letterbox(width: np.ndarray, height: np.ndarray, input_h: int, input_w: int)
 
 def round_up(x, m: int):
     return -(-x // m) * m
-
-
-def model_input_hw(imgsz: int, stride: int = DEFAULT_STRIDE,
-                   fixed_hw: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The model's full input (H, W): its fixed shape, else imgsz rounded up to the stride on both
-    sides. Images are resized to fit it; a bucket is this or narrower on one side."""
-    if fixed_hw:
-        return int(fixed_hw[0]), int(fixed_hw[1])
-    side = int(round_up(int(imgsz), stride))
-    return side, side
 
 
 def bucket_shapes(new_w: np.ndarray, new_h: np.ndarray, side: int, stride: int) -> tuple[np.ndarray, np.ndarray]:

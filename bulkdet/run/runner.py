@@ -26,13 +26,14 @@ import pyarrow.compute as pc
 
 from bulkdet import __version__
 from bulkdet.engines import create_engine, model_info
-from bulkdet.model.info import ModelInfo
+from bulkdet.model.info import ModelInfo, model_input_hw
 from bulkdet.model.precision import DEFAULT_CALIB_IMAGES, ModelFile, model_for_run, with_nms
+from bulkdet.run.calibration import decoded_batches
 from bulkdet.run.decode import Decoder
 from bulkdet.run.metrics import STAGES, BatchTimes, MetricsRecorder
 from bulkdet.run.oom import HalvingInfer
 from bulkdet.run.pipeline import QUEUE_SIZE, Stage, StagePipeline
-from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, input_shapes, model_input_hw, plan
+from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, input_shapes, plan
 from bulkdet.run.postprocess import INFER_ERROR, postprocess
 from bulkdet.run.precision_check import check_run_precision
 from bulkdet.run.progress import Progress
@@ -151,7 +152,7 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
     """Device, the model file that runs (prepared for --precision / --nms-in-model), identity, run.json."""
     selection = selection or select_device(cfg.device, cfg.backend, cfg.model)
     model_file = model_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz,
-                                 cfg.cache_dir, selection.device)
+                               cfg.cache_dir, selection.device, feed=decoded_batches)
     if cfg.nms_in_model:
         model_file = with_nms(model_file, cfg.conf, cfg.iou, cfg.max_det, cfg.cache_dir)
     model = model_info(model_file.path, cfg.names)

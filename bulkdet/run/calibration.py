@@ -1,0 +1,28 @@
+"""INT8 calibration images: the chosen images of the dataset, decoded and letterboxed by the run's
+own DALI graph (on the CPU), so the ranges are measured on exactly what the model will see."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from bulkdet.model.precision import CalibrationSample
+from bulkdet.run.decode import Decoder
+from bulkdet.run.plan import plan_batches
+from bulkdet.store.shards import ShardReader
+
+
+def decoded_batches(sample: CalibrationSample) -> Iterator[np.ndarray]:
+    """Float32 [n,3,H,W] batches of the sample's images; images that fail to decode are left out."""
+    reader = ShardReader(sample.dataset / "shards")
+    decoder = Decoder("cpu", sample.max_batch, out_dtype=np.float32)
+    try:
+        for batch in plan_batches(sample.rows, sample.input_hw, sample.max_batch):
+            encoded = [data or b"" for data in reader.get_many(batch.shard, batch.keys)]
+            decoded = decoder.decode(batch, encoded)
+            good = [i for i in range(len(batch)) if i not in decoded.errors]
+            if good:
+                yield np.ascontiguousarray(decoded.tensor[good])
+    finally:
+        reader.close()
