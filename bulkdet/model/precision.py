@@ -256,17 +256,18 @@ class _DatasetReader:
 
     def __init__(self, sample: CalibrationSample, input_name: str):
         from bulkdet.run.decode import Decoder
-        from bulkdet.store.shards import ShardReader
+        from bulkdet.store.readers import open_dataset_reader
 
         self.input_name = input_name
         self.batches = iter(plan_batches(sample.rows, sample.input_hw, sample.max_batch))
-        self.reader = ShardReader(sample.dataset / "shards")
+        self.reader = open_dataset_reader(sample.dataset)
         self.decoder = Decoder("cpu", sample.max_batch, out_dtype=np.float32)
         self.images = 0
 
     def get_next(self) -> dict | None:
         for batch in self.batches:
-            encoded = [data or b"" for data in self.reader.get_many(batch.shard, batch.keys)]
+            encoded = [data if isinstance(data, bytes) else b"" for data in
+                       self.reader.read(batch.shard, batch.image_ids, batch.keys)]
             decoded = self.decoder.decode(batch, encoded)
             good = [i for i in range(len(batch)) if i not in decoded.errors]
             if good:
