@@ -293,8 +293,10 @@ class TarSource(Source):
             yield Entry(self.name, f"{os.path.basename(self.name)}:damaged", "read_error", damage)
 
     def open(self, entry: Entry) -> BinaryIO:
-        if self.compressed:  # the shared stream, read in member order (threads = 1)
-            return io.BufferedReader(_MemberFile(self.tar.fileobj, entry.offset, entry.size, owns=False))
+        if self.compressed:  # the shared stream, read forward in member order (threads = 1), the member
+            # whole at once: seeking back in a gzip stream (to read past the header) restarts it
+            with _MemberFile(self.tar.fileobj, entry.offset, entry.size, owns=False) as member:
+                return io.BytesIO(member.read())
         return io.BufferedReader(_MemberFile(open(self.name, "rb"), entry.offset, entry.size, owns=True))
 
     def close(self) -> None:
