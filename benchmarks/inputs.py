@@ -35,7 +35,7 @@ def make_images(folder: Path, n: int, side: int) -> int:
     for i in range(n):
         sub = folder / f"cam{i % 10:02d}"
         sub.mkdir(parents=True, exist_ok=True)
-        img = np.roll(base, i * 7, axis=1)
+        img = np.roll(np.roll(base, i % side, axis=1), i // side, axis=0)  # every image differs
         path = sub / f"img_{i:06d}.jpg"
         Image.fromarray(img).save(path, quality=70)
         total += path.stat().st_size
