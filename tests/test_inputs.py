@@ -254,8 +254,12 @@ def test_s3_prefix_from_environment_and_storage_options(images, copied_run, anal
     fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_env)
     name = files(images)[0]
     fs.pipe(f"traps/camera/{name}", (images / files(images)[2]).read_bytes())
+    gone = files(images)[1]
+    fs.rm(f"traps/camera/{gone}")
     run_dataset(tmp_path / "ref", analytic_model, tmp_path / "run-ref2")
-    assert statuses(tmp_path / "run-ref2")[name][0] == "changed"
+    st = statuses(tmp_path / "run-ref2")
+    assert st[name][0] == "changed" and st[gone][0] == "read_error"
+    assert detections_by_path(tmp_path / "run-ref2") == {p: v for p, v in copied_run.items() if p not in (name, gone)}
 
 
 def test_url_errors_are_one_line(tmp_path, cli, s3_env):

@@ -92,10 +92,11 @@ class ReferenceBytes:
 
     def __init__(self, dataset_dir: Path, info: dict, threads: int | None = None):
         m = read_manifest(dataset_dir).select(["image_id", "path", "bytes", "offset"])
+        # Arrow columns, not Python lists: a 10M-row manifest stays a few hundred MB per process.
         self.ids = m.column("image_id").to_numpy()  # sorted: write_manifest sorts by image_id
-        self.paths = m.column("path").to_pylist()
+        self.paths = m.column("path").combine_chunks()
         self.sizes = m.column("bytes").to_numpy(zero_copy_only=False)
-        self.offsets = m.column("offset").to_pylist()
+        self.offsets = m.column("offset").combine_chunks()
         self.kind, self.root = info["source_kind"], info["source"]
         self.fs = None
         if self.kind == "url":
@@ -108,10 +109,10 @@ class ReferenceBytes:
         return self.root.rstrip("/") + "/" + path if self.kind == "url" else os.path.join(self.root, path)
 
     def _read_one(self, i: int) -> bytes:
-        path, size = self.paths[i], int(self.sizes[i])
+        path, size = self.paths[i].as_py(), int(self.sizes[i])
         if self.kind == "tar":
             with open(self.root, "rb") as f:
-                f.seek(self.offsets[i])
+                f.seek(self.offsets[i].as_py())
                 return f.read(size)
         if self.kind == "url":
             return self.fs.cat_file(self._location(path))
@@ -123,8 +124,10 @@ class ReferenceBytes:
             data = self._read_one(i)
         except FileNotFoundError:
             return Unreadable("read_error", "the source file is gone (packed by reference): "
-                                            f"{self._location(self.paths[i]) if self.kind != 'tar' else self.root}")
-        except OSError as exc:
+                                            f"{self.root if self.kind == 'tar' else self._location(self.paths[i].as_py())}")
+        except Exception as exc:  # OSError; for a URL also the backend's own errors (one image's, not the run's)
+            if not isinstance(exc, OSError) and self.kind != "url":
+                raise
             return Unreadable("read_error", f"cannot read the source (packed by reference): {exc}")
         if hashlib.sha256(data).digest() != key:
             return Unreadable("changed", f"the source changed since pack ({len(data)} bytes read, "
