@@ -13,7 +13,6 @@ import os
 import posixpath
 import stat
 import tarfile
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -259,7 +258,6 @@ class TarSource(Source):
         except (tarfile.TarError, OSError) as exc:
             raise PackUsageError(f"{path} is not a tar archive bulkdet can read: {exc}") from None
         self.threads = 1 if self.compressed else None
-        self.lock = threading.Lock()
 
     def entries(self, notes: WalkNotes) -> Iterator[Entry]:
         members, damage = [], None
