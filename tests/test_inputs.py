@@ -269,3 +269,23 @@ def test_url_errors_are_one_line(tmp_path, cli, s3_env):
     assert result.exit_code in (1, 2) and result.output.startswith("error:")
     result = cli("pack", "s3://b/x", "--out", tmp_path / "ds3", "--storage-options", "{not json")
     assert result.exit_code == 2 and "--storage-options" in result.output
+
+
+def test_crops_and_html_report_read_a_reference_dataset(images, analytic_model, tmp_path, cli):
+    """Everything that reads a dataset's bytes after the run reads them from the source too."""
+    import base64
+    import re
+
+    import pyarrow.parquet as pq
+
+    assert cli("pack", images, "--out", tmp_path / "ds", "--reference", "-q").exit_code == 0
+    run_dataset(tmp_path / "ds", analytic_model, tmp_path / "run")
+    r = cli("crops", tmp_path / "run", "--out", tmp_path / "crops", "-q")
+    assert r.exit_code == 0, r.output
+    index = pq.read_table(tmp_path / "crops" / "crops.parquet").to_pylist()
+    assert len(index) == len(read_detections(tmp_path / "run")) > 0
+    assert all((tmp_path / "crops" / c["crop_path"]).stat().st_size > 0 for c in index)
+    r = cli("report", tmp_path / "run", "--html", tmp_path / "report.html")
+    assert r.exit_code == 0, r.output
+    samples = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', (tmp_path / "report.html").read_text())
+    assert len(samples) == 6 and all(base64.b64decode(s)[:2] == b"\xff\xd8" for s in samples)
