@@ -266,7 +266,8 @@ def test_url_errors_are_one_line(tmp_path, cli, s3_env):
     result = cli("pack", "gs://bucket/prefix", "--out", tmp_path / "ds")  # gcsfs is not installed here
     assert result.exit_code == 2 and "bulkdet[gcs]" in result.output and "Traceback" not in result.output
     result = cli("pack", "s3://no-such-bucket/x", "--out", tmp_path / "ds2")
-    assert result.exit_code in (1, 2) and result.output.startswith("error:")
+    assert result.exit_code == 1 and result.output == (
+        "error: cannot list s3://no-such-bucket/x: FileNotFoundError: The specified bucket does not exist\n")
     result = cli("pack", "s3://b/x", "--out", tmp_path / "ds3", "--storage-options", "{not json")
     assert result.exit_code == 2 and "--storage-options" in result.output
 
