@@ -201,8 +201,11 @@ def test_reference_repack_sees_changes(images, tmp_path):
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 server in a thread on a free local port; stopped after the module."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
