@@ -182,42 +182,67 @@ def _check_writable(path: Optional[Path], param_hint: str, folder: bool = False)
 
 @app.command()
 def pack(
-    src_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of images (walked recursively)."),
+    src: str = typer.Argument(..., help="What to pack: a folder (walked recursively), a text file listing paths "
+                              "(one per line, relative to its folder), a tar archive (.tar, .tar.gz, .tgz), or a URL "
+                              "(s3://bucket/prefix, gs://, az://)."),
     out: Path = typer.Option(..., "--out", help="Dataset folder to create or extend."),
     shard_size_mb: float = typer.Option(1024, min=SHARD_MB_MIN, max=SHARD_MB_MAX,
-                                        help="Target size of one LMDB shard (MB; fractions allowed)."),
+                                        help="Target size of one LMDB shard (MB; fractions allowed). With "
+                                        "--reference: the source bytes per unit of work (pseudo-shard)."),
     follow_symlinks: bool = typer.Option(False, help="Follow symbolic links (loops are detected)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Larger images get status too_large."),
+    reference: bool = typer.Option(False, "--reference", help="Store no image bytes: paths, sizes, hashes and "
+                                   "headers only; `run` reads each image from SRC and checks its hash."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON", help="fsspec "
+                                                  "options for a URL, e.g. '{\"endpoint_url\": \"http://...\"}' "
+                                                  "(default: the backend's environment variables)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
-    """Store every image under SRC_DIR, bytes unchanged, in LMDB shards plus a manifest.
+    """Store every image of SRC, bytes unchanged, in LMDB shards plus a manifest (or, with
+    --reference, only the manifest: see docs/inputs.md).
 
     Again into the same --out: new files are added, changed ones get a new row, deleted ones
     are marked (see docs/reliability.md).
     """
     from bulkdet.ingest.pack import PackUsageError, pack as do_pack
     from bulkdet.store.lock import FolderInUse
+    from bulkdet.store.readers import MissingExtra, is_url
 
+    options = None
+    if storage_options is not None:
+        try:
+            options = json.loads(storage_options)
+        except ValueError as exc:
+            raise typer.BadParameter(f"not JSON: {exc}", param_hint="'--storage-options'") from None
+        if not isinstance(options, dict):
+            raise typer.BadParameter("give a JSON object, e.g. '{\"anon\": true}'", param_hint="'--storage-options'")
+    if not is_url(src) and not Path(src).exists():
+        raise typer.BadParameter(f"{src} does not exist", param_hint="'SRC'")
     _setup_logging(quiet)
     try:
         with _quiet_native_output(quiet):
-            s = do_pack(src_dir, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet)
-    except (FolderInUse, PackUsageError) as exc:  # another pack holds --out, or --out is the source
+            s = do_pack(src, out, shard_size_mb, follow_symlinks, max_pixels, quiet=quiet, reference=reference,
+                        storage_options=options)
+    except (FolderInUse, PackUsageError, MissingExtra) as exc:  # --out busy or the source itself; a missing extra
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE)
     except (OSError, RuntimeError) as exc:  # e.g. disk full: committed shards are kept and reused
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
-    typer.echo(pack_summary_line(s, out))
+    typer.echo(pack_summary_line(s, out, reference))
 
 
-def pack_summary_line(s, out: Path) -> str:
+def pack_summary_line(s, out: Path, reference: bool = False) -> str:
     """What a pack did, in one line (and a warning line when the source folder changed)."""
     from bulkdet.store.manifest import PROCESSED_STATUSES
 
     not_usable = {st: n for st, n in s.by_status.items() if st not in PROCESSED_STATUSES}
-    parts = [f"packed {s.new} new files ({s.found} in all, {s.duplicates} duplicate contents stored once, "
-             f"{s.stored_bytes / 1e6:.1f} MB stored) into {s.shards} shard(s) in {out}"]
+    if reference:
+        parts = [f"packed {s.new} new files by reference ({s.found} in all, {s.read_bytes / 1e6:.1f} MB read and "
+                 f"hashed, none stored) into {s.shards} pseudo-shard(s) in {out}"]
+    else:
+        parts = [f"packed {s.new} new files ({s.found} in all, {s.duplicates} duplicate contents stored once, "
+                 f"{s.stored_bytes / 1e6:.1f} MB stored) into {s.shards} shard(s) in {out}"]
     if s.changed or s.deleted or s.unchanged:
         parts.append(f"{s.changed} changed (new rows), {s.deleted} deleted"
                      + (f" ({s.renamed} renamed)" if s.renamed else "") + f", {s.unchanged} unchanged"

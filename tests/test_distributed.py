@@ -97,6 +97,18 @@ def test_ray_run_equals_local_run(ray_cluster, dataset, analytic_model, local_ro
 
 
 @pytest.mark.slow
+def test_ray_run_of_a_dataset_packed_by_reference_equals_the_local_run(ray_cluster, dataset, analytic_model,
+                                                                       local_rows, tmp_path, cli):
+    """Pseudo-shards (docs/inputs.md) split a reference dataset over workers as shards do."""
+    ref = tmp_path / "ref"
+    assert pack(dataset[0].parent / "src", ref, shard_size_mb=SHARD_MB, reference=True, quiet=True).shards >= 4
+    r = cli("run", ref, "--model", analytic_model, "--out", tmp_path / "run", "--max-batch", 4, "--dali-threads", 1,
+            "--infer-threads", 1, "-q", "--ray", "--workers", 2)
+    assert r.exit_code == 3, r.output
+    assert _rows(tmp_path / "run") == local_rows
+
+
+@pytest.mark.slow
 def test_killed_worker_redoes_only_its_shard(ray_cluster, dataset, analytic_model, local_rows, tmp_path):
     """SIGKILL a worker right after its first commit: its shard is redone, the output stays exact."""
     out = tmp_path / "run"

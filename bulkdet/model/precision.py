@@ -28,8 +28,8 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx

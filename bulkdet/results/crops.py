@@ -31,7 +31,7 @@ from bulkdet.store.parts import PartResults, RESULT_STATUSES, count_images, iter
 from bulkdet.run.progress import Progress
 from bulkdet.store.atomic import open_atomic, write_json_atomic
 from bulkdet.store.manifest import read_manifest
-from bulkdet.store.shards import ShardReader
+from bulkdet.store.readers import ShardBytes, ReferenceBytes, Unreadable, open_dataset_reader
 
 log = logging.getLogger("bulkdet")
 
@@ -137,7 +137,7 @@ def crops(run_dir: Path, out: Path, conf: float | None = None, classes: list[str
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(asdict(settings), out / SETTINGS_FILE)
     summary = CropsSummary(out)
-    reader = ShardReader(dataset / "shards")
+    reader = open_dataset_reader(dataset)  # its shards, or the source (packed by reference)
     progress = Progress(count_images(run_dir), desc="crops", unit="img", quiet=quiet)
     try:
         with open_atomic(out / INDEX_FILE, "wb") as f, pq.ParquetWriter(f, CROPS_SCHEMA, compression="zstd") as index, \
@@ -188,7 +188,7 @@ def _part_crops(part: PartResults, s: CropSettings) -> pa.Table | None:
     return pa.table(cols).cast(CROPS_SCHEMA)
 
 
-def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reader: ShardReader,
+def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reader: ShardBytes | ReferenceBytes,
          pool: ThreadPoolExecutor, s: CropSettings, keep_existing: bool, summary: CropsSummary) -> None:
     """Decode each image of `rows` once and write its crops (those not already there)."""
     r = rows.to_pydict()
@@ -208,7 +208,7 @@ def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reade
             raise RuntimeError("the dataset does not hold every image of the run: is it the dataset the run read? "
                                "(give it with --dataset)")
         m = manifest.take(pa.array(at)).to_pydict()
-        blobs = [reader.get_many(shard, [key])[0] for shard, key in zip(m["shard"], m["key"])]
+        blobs = [reader.read(shard, [i], [key])[0] for shard, i, key in zip(m["shard"], m["image_id"], m["key"])]
         jobs = [(image_id, need, blob, path, m_path)
                 for (image_id, need), blob, path, m_path in zip(chunk, blobs, [r["path"][n[0]] for _, n in chunk], m["path"])]
         for ok, written in pool.map(lambda job: _cut_one(job, r, out, s), jobs):
@@ -219,8 +219,8 @@ def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reade
 
 def _cut_one(job, r: dict, out: Path, s: CropSettings) -> tuple[bool, int]:
     image_id, need, blob, path, m_path = job
-    if blob is None or path != m_path:
-        log.warning("crops: %s: %s", path, "bytes not in the shards" if blob is None
+    if isinstance(blob, Unreadable) or path != m_path:
+        log.warning("crops: %s: %s", path, f"{blob.status}: {blob.error}" if isinstance(blob, Unreadable)
                     else f"the dataset has {m_path!r} under this id: not the run's dataset?")
         return False, 0
     try:

@@ -192,15 +192,17 @@ def sample_boxes(run_dir: Path, image_ids: list[int]) -> dict[int, list[dict]]:
 
 
 def encoded_bytes(dataset: Path, image_ids: list[int]) -> dict[int, bytes]:
-    """The original file bytes of these images, from the dataset's shards."""
+    """The original file bytes of these images, from the dataset (its shards, or the source when
+    packed by reference); an image whose bytes can't be read (or changed) is left out."""
     from bulkdet.store.manifest import read_manifest
-    from bulkdet.store.shards import ShardReader
+    from bulkdet.store.readers import Unreadable, open_dataset_reader
 
     manifest = read_manifest(dataset).select(["image_id", "shard", "key"])
     rows = manifest.filter(pc.is_in(manifest.column("image_id"), pa.array(image_ids, pa.int64()))).to_pylist()
-    reader = ShardReader(Path(dataset) / "shards")
+    reader = open_dataset_reader(Path(dataset))
     try:
-        return {r["image_id"]: reader.get_many(r["shard"], [r["key"]])[0] for r in rows if r["shard"] >= 0}
+        found = {r["image_id"]: reader.read(r["shard"], [r["image_id"]], [r["key"]])[0] for r in rows if r["shard"] >= 0}
+        return {i: data for i, data in found.items() if not isinstance(data, Unreadable)}
     finally:
         reader.close()
 

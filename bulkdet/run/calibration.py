@@ -10,16 +10,17 @@ import numpy as np
 from bulkdet.model.precision import CalibrationSample
 from bulkdet.run.decode import Decoder
 from bulkdet.run.plan import plan_batches
-from bulkdet.store.shards import ShardReader
+from bulkdet.store.readers import open_dataset_reader
 
 
 def decoded_batches(sample: CalibrationSample) -> Iterator[np.ndarray]:
     """Float32 [n,3,H,W] batches of the sample's images; images that fail to decode are left out."""
-    reader = ShardReader(sample.dataset / "shards")
+    reader = open_dataset_reader(sample.dataset)
     decoder = Decoder("cpu", sample.max_batch, out_dtype=np.float32)
     try:
         for batch in plan_batches(sample.rows, sample.input_hw, sample.max_batch):
-            encoded = [data or b"" for data in reader.get_many(batch.shard, batch.keys)]
+            encoded = [data if isinstance(data, bytes) else b"" for data in
+                       reader.read(batch.shard, batch.image_ids, batch.keys)]
             decoded = decoder.decode(batch, encoded)
             good = [i for i in range(len(batch)) if i not in decoded.errors]
             if good:

@@ -187,6 +187,7 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
     from bulkdet.engines import create_engine
     from bulkdet.model.info import load_model_info
     from bulkdet.run.plan import plan_batches
+    from bulkdet.store.readers import Unreadable
 
     log = logging.getLogger("bulkdet")
     if prepared.precision == "engine" or Path(prepared.path) == Path(cfg.model):
@@ -205,7 +206,8 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
         reference_end2end = load_model_info(cfg.model).end2end  # the FP32 source: no NMS in it (usually)
         batches = first_images(plan_batches(todo, processor.input_hw, processor.max_batch), cfg.precision_check_images)
         reader = processor.reader
-        report = check_precision(batches, lambda b: reader.get_many(b.shard, b.keys),
+        report = check_precision(batches, lambda b: [None if isinstance(data, Unreadable) else data
+                                                     for data in reader.read(b.shard, b.image_ids, b.keys)],
                                  Detector(reference_engine, reference_decoder, *post, reference_end2end),
                                  Detector(engine, decoder, *post, model.end2end),
                                  prepared.precision + ("+nms" if prepared.nms else ""))

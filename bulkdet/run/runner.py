@@ -39,7 +39,7 @@ from bulkdet.run.precision_check import check_run_precision
 from bulkdet.run.progress import Progress
 from bulkdet.store.manifest import dataset_id, processed, read_manifest, unprocessed
 from bulkdet.store.run_folder import PartWriter, RunFolder
-from bulkdet.store.shards import ShardReader
+from bulkdet.store.readers import Unreadable, open_dataset_reader
 from bulkdet.system.devices import Selection, select as select_device
 
 log = logging.getLogger("bulkdet")
@@ -225,6 +225,7 @@ class _Work:
         self.batch = batch
         self.encoded = None
         self.encoded_bytes = 0
+        self.unreadable: dict[int, Unreadable] = {}  # index in batch -> why its bytes can't be used
         self.decoded = None
         self.outputs = None
         self.detections = None
@@ -257,7 +258,7 @@ class ShardProcessor:
                                     shapes=self.shapes, cache_dir=cfg.cache_dir, ring_slots=ring_slots)
         self.decoder = Decoder(device, self.max_batch, dali_threads, out_dtype=self.engine.input_dtype,
                                hw_decoder_load=cfg.hw_decoder_load)
-        self.reader = ShardReader(Path(cfg.dataset) / "shards")
+        self.reader = open_dataset_reader(cfg.dataset)  # its shards, or the source (packed by reference)
         self.infer = HalvingInfer(self.engine.infer)  # halves a batch that runs out of memory
 
     def close(self) -> None:
@@ -283,15 +284,15 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
              engine.provider, ",".join(batches.stats["images_per_bucket"]) or "-", len(batches), processor.threads)
 
     def read(work: _Work):
-        work.encoded = reader.get_many(work.batch.shard, work.batch.keys)
-        work.encoded_bytes = sum(len(data) for data in work.encoded if data is not None)
+        encoded = reader.read(work.batch.shard, work.batch.image_ids, work.batch.keys)
+        work.unreadable = {i: data for i, data in enumerate(encoded) if isinstance(data, Unreadable)}
+        work.encoded = [b"" if i in work.unreadable else data for i, data in enumerate(encoded)]
+        work.encoded_bytes = sum(len(data) for data in work.encoded)
 
     def decode(work: _Work):
         nonlocal fallback_decoded
-        missing = {i: "bytes missing from shard" for i, data in enumerate(work.encoded) if data is None}
-        encoded = [data if data is not None else b"" for data in work.encoded]
-        work.decoded = decoder.decode(work.batch, encoded)
-        work.decoded.errors.update(missing)
+        work.decoded = decoder.decode(work.batch, work.encoded)
+        work.decoded.errors.update({i: u.error for i, u in work.unreadable.items()})
         fallback_decoded += len(work.decoded.fallback)
         work.decoded.tensor = engine.stage(work.decoded.tensor)  # GPU: into the engine's input buffer
         work.encoded = None  # each stage drops what later stages do not need: bounded memory
@@ -312,7 +313,7 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
         batch, errors, dets = work.batch, work.decoded.errors, work.detections
         pack_status = batch.pack_status or ["ok"] * len(batch)  # "corrupt" stays, with its detections
         pack_error = batch.pack_error or [None] * len(batch)
-        status = ["decode_error" if i in errors else INFER_ERROR if dets[i].error else pack_status[i]
+        status = [work.unreadable[i].status if i in work.unreadable else "decode_error" if i in errors else INFER_ERROR if dets[i].error else pack_status[i]
                   for i in range(len(batch))]
         writer.add_images(batch.shard, batch.image_ids, batch.paths, batch.width, batch.height, status,
                           [errors.get(i) or dets[i].error or pack_error[i] for i in range(len(batch))],

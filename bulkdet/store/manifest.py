@@ -15,8 +15,10 @@ from bulkdet.store.atomic import write_json_atomic, write_parquet_atomic
 
 MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
-    ("path", pa.string()),  # relative to the packed source folder
-    ("shard", pa.int32()),  # -1 when the file's bytes are not stored (non-ok status)
+    ("path", pa.string()),  # relative to the source (folder, list file's folder, tar, URL prefix)
+    # -1 when the file's bytes are not stored (non-ok status). Packed by reference: a pseudo-shard,
+    # a group of rows of bounded source bytes, the unit of work and resume like a real shard.
+    ("shard", pa.int32()),
     ("key", pa.binary()),  # sha256 of the bytes; the LMDB key
     ("bytes", pa.int64()),  # the file's size
     ("format", pa.string()),
@@ -26,6 +28,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("status", pa.string()),
     ("error", pa.string()),
     ("mtime_ns", pa.int64()),  # the file's modification time: with `bytes`, what re-pack compares first
+    ("offset", pa.int64()),  # a tar member's data offset in the archive (read there by reference); else null
 ])
 
 # Which rows a run processes (decodes and detects): those whose bytes are stored. A `corrupt`
@@ -85,14 +88,14 @@ def dataset_id(dataset_dir: Path) -> str:
     return f"path:{Path(dataset_dir).resolve()}"
 
 
-def record_source(dataset_dir: Path, src: Path) -> str | None:
-    """Remember the folder this pack read (in dataset.json); returns the one the last pack read."""
+def record_source(dataset_dir: Path, source: dict) -> str | None:
+    """Remember what this pack read (dataset.json: `source`, `source_kind`, `reference`, and
+    `storage_options` without credentials); returns the source the last pack read."""
     path = Path(dataset_dir) / DATASET_FILE
     info = json.loads(path.read_text())
     previous = info.get("source")
-    info["source"] = str(Path(src).resolve())
-    if info["source"] != previous:
-        write_json_atomic(info, path)
+    if any(info.get(k) != v for k, v in source.items()):
+        write_json_atomic({**info, **source}, path)
     return previous
 
 
