@@ -125,10 +125,13 @@ def check_names_fit(names: dict[int, str], outputs, end2end: bool, source: str) 
         return  # nothing to check against: the layout is told at the first batch
     try:
         detect(outputs, len(names), end2end)
+        return
     except LayoutError:
         pass
-    else:
-        return
+    try:
+        detect(outputs, None, end2end)
+    except LayoutError:
+        return  # no layout fits these outputs whatever the names: the layout's error says so
     dims = outputs[0][1]
     if len(outputs) == 1 and len(dims) == 3:
         a, b = dims[1:]

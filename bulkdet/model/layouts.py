@@ -114,8 +114,8 @@ def _one_output(shape: tuple, nc: int | None, end2end: bool):
     _, a, b = shape
     if end2end and b == 6:
         return "end2end"
-    if a is None or b is None:
-        return None
+    if a is None or b is None:  # [B, 84, N] with N dynamic is still YOLOv8's
+        return "yolov8" if nc and a == 4 + nc else None
     if nc:
         if a == 4 + nc:
             return "yolov8"
