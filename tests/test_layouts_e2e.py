@@ -227,7 +227,7 @@ def test_nms_in_model_refuses_other_layouts(tmp_path, analytic_model, cli, packe
     dataset, _ = packed[5]
     r = cli("run", dataset, "--model", model, "--out", tmp_path / "run", "-q", "--nms-in-model",
             "--cache-dir", tmp_path / "cache")
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     line = _error_line(r)
     assert "yolov8 layout" in line and "yolov5" in line and "without --nms-in-model" in line
 

@@ -62,7 +62,7 @@ def _check_layout(source: Path, graph, meta: dict) -> None:
     except LayoutError:
         layout = "unknown"
     if layout not in ("yolov8", None):
-        raise ValueError(f"{source}: NMS in the model supports the yolov8 layout [B, 4+nc, N] only; this model's "
+        raise LayoutError(f"{source}: NMS in the model supports the yolov8 layout [B, 4+nc, N] only; this model's "
                          f"outputs {describe(outputs)} are the {layout} layout: run without --nms-in-model "
                          f"(bulkdet applies the NMS its layout needs)")
 

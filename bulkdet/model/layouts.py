@@ -100,7 +100,8 @@ def nothing_fits(outputs: list[Output], nc: int | None) -> str:
     return (f"the model's outputs {describe(outputs)} fit no layout bulkdet knows "
             f"(tried {', '.join(f'{name} {_EXPECTED[name]}' for name in LAYOUTS)})"
             + (f" for {nc} classes" if nc else "")
-            + ": give the layout with --layout NAME" + ("" if nc else ", or the class names with --names"))
+            + ": if the model has one of these, name it with --layout NAME"
+            + ("" if nc else " or give its class names with --names") + " (see docs/models.md)")
 
 
 _EXPECTED = {
