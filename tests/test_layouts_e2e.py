@@ -172,6 +172,17 @@ def test_fixed_batch_runs_batches_of_exactly_that_size(tmp_path, analytic_model,
     assert max(sizes) <= batch and sum(sizes) == 11
 
 
+def test_fixed_batch_with_nms_in_model_and_precision_check(tmp_path, analytic_model, cli, packed):
+    """The FP32 reference of --check-precision pads its short batches too."""
+    model = rewire(analytic_model, tmp_path / "fixed.onnx", batch=4)
+    dataset, truth = packed[5]
+    run = _run_exact(cli, tmp_path, model, dataset, truth, "--nms-in-model", "--check-precision", "5",
+                     "--cache-dir", tmp_path / "cache")
+    assert run["layout"] == "end2end"
+    check = run["precision_check"]
+    assert check["matched"] == check["reference_boxes"] > 0 and check["drifting"] == 0
+
+
 def test_fixed_hw_gives_one_bucket(tmp_path, analytic_model, cli, packed):
     model = rewire(analytic_model, tmp_path / "hw.onnx", hw=(640, 640))
     dataset, truth = packed[5]

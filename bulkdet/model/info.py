@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from bulkdet.model.layouts import LAYOUTS, LayoutError, describe, detect
+from bulkdet.model.layouts import LayoutError, describe, detect
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 ENGINE_SUFFIXES = (".engine", ".plan")  # serialized TensorRT engines; any other file is read as ONNX
@@ -145,9 +145,7 @@ def check_names_fit(names: dict[int, str], outputs, end2end: bool, source: str) 
 
 
 def layout_hint(meta: dict[str, str]) -> str | None:
-    """The layout a model's metadata names: bulkdet's own key, or Ultralytics' RT-DETR description."""
-    if meta.get("bulkdet.layout") in LAYOUTS:
-        return meta["bulkdet.layout"]
+    """The layout a model's metadata names: Ultralytics' RT-DETR exports say so in their description."""
     description = meta.get("description", "").lower()
     return "detr" if "rtdetr" in description or "rt-detr" in description else None
 

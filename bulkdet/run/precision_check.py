@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bulkdet.engines.base import fixed_batch
 from bulkdet.run.plan import Batch
 from bulkdet.run.postprocess import Detections, postprocess
 
@@ -155,14 +156,20 @@ class Detector:
     """decode -> infer -> postprocess for whole batches, one model (a reference or the one tested)."""
 
     def __init__(self, engine, decoder, layout, conf: float, iou: float, max_det: int,
-                 output_names: list[str] | None = None):
-        """`layout(outputs) -> str`: the model's output layout (told by a batch's outputs if need be)."""
+                 output_names: list[str] | None = None, batch: int | None = None):
+        """`layout(outputs) -> str`: the model's output layout (told by a batch's outputs if need be);
+        `batch`: the model's fixed batch (shorter batches are padded to it), None: dynamic."""
         self.engine, self.decoder, self.layout = engine, decoder, layout
+        self.infer = fixed_batch(engine.infer, batch)
         self.post = dict(conf=conf, iou=iou, max_det=max_det, output_names=output_names)
 
     def __call__(self, batch: Batch, encoded: list[bytes]) -> tuple[list[Detections], dict[int, str]]:
         decoded = self.decoder.decode(batch, encoded)
-        outputs = self.engine.infer(decoded.tensor)
+        staged = self.engine.stage(decoded.tensor)  # as the run does: GPU engines' input buffer
+        try:
+            outputs = self.infer(staged)
+        finally:
+            self.engine.release(staged)
         detections = postprocess(outputs, batch, self.layout(outputs), **self.post)
         return detections, {**{i: d.error for i, d in enumerate(detections) if d.error}, **decoded.errors}
 
@@ -214,8 +221,9 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
         reader = processor.reader
         report = check_precision(batches, lambda b: reader.get_many(b.shard, b.keys),
                                  Detector(reference_engine, reference_decoder, reference_layout, *post,
-                                          [name for name, _ in reference.outputs]),
-                                 Detector(engine, decoder, processor.layout_for, *post, processor.output_names),
+                                          [name for name, _ in reference.outputs], reference.batch),
+                                 Detector(engine, decoder, processor.layout_for, *post, processor.output_names,
+                                          processor.model.batch),
                                  prepared.precision + ("+nms" if prepared.nms else ""))
     finally:
         reference_engine.close()
