@@ -156,7 +156,7 @@ def test_every_layout_gives_exact_boxes(tmp_path, analytic_model, cli, packed, l
     model = rewire(analytic_model, tmp_path / f"{layout}.onnx", layout, **fixed)
     dataset, truth = packed[5]
     run = _run_exact(cli, tmp_path, model, dataset, truth)
-    assert run["layout"] == expected  # told by the outputs, no flag
+    assert run["model"]["layout"] == expected  # told by the outputs, no flag
     if shapes == "fixed":
         assert run["plan"]["images_per_bucket"] == {"640x640": 5}  # one bucket at the fixed shape
 
@@ -167,7 +167,7 @@ def test_fixed_batch_runs_batches_of_exactly_that_size(tmp_path, analytic_model,
     model = rewire(analytic_model, tmp_path / "fixed.onnx", batch=batch)
     dataset, truth = packed[11]
     run = _run_exact(cli, tmp_path, model, dataset, truth, "--max-batch", "32")
-    assert run["layout"] == "yolov8"
+    assert run["model"]["layout"] == "yolov8"
     sizes = pq.read_table(tmp_path / "run" / "metrics.parquet").column("batch_size").to_pylist()
     assert max(sizes) <= batch and sum(sizes) == 11
 
@@ -178,7 +178,7 @@ def test_fixed_batch_with_nms_in_model_and_precision_check(tmp_path, analytic_mo
     dataset, truth = packed[5]
     run = _run_exact(cli, tmp_path, model, dataset, truth, "--nms-in-model", "--check-precision", "5",
                      "--cache-dir", tmp_path / "cache")
-    assert run["layout"] == "end2end"
+    assert run["model"]["layout"] == "end2end"
     check = run["precision_check"]
     assert check["matched"] == check["reference_boxes"] > 0 and check["drifting"] == 0
 
@@ -203,7 +203,7 @@ def test_layout_option_overrides_what_the_names_suggest(tmp_path, analytic_model
     rows = pq.read_table(tmp_path / "wrong" / "detections").to_pylist() if r.exit_code == 0 else []
     assert compare_with_truth(truth, rows) != []  # read as normalised boxes: wrong
     run = _run_exact(cli, tmp_path, model, dataset, truth, "--layout", "boxes-scores")
-    assert run["layout"] == "boxes-scores"
+    assert run["model"]["layout"] == "boxes-scores"
 
 
 def _error_line(r):

@@ -223,7 +223,8 @@ def execute_local(job: RunJob, todo: pa.Table, folder: RunFolder) -> ExecResult:
     engine = processor.engine
     return ExecResult(metrics.stage_totals(), result.fallback_decoded, result.oom_splits,
                       {"device": processor.device, "backend": engine.name, "provider": engine.provider,
-                       "plan": result.plan, "threads": processor.threads, "layout": processor.layout},
+                       "plan": result.plan, "threads": processor.threads,
+                       "model": {**job.run_json["model"], "layout": processor.layout}},  # told at the first batch
                       drift.summary() if drift else "")
 
 
