@@ -97,6 +97,9 @@ def _layout_nodes(layout):
     if layout == "misfit":  # fits nothing: [B, 7, 3] and [B, 3]
         return [n("Identity", ["v8"], ["output0"]), n("Squeeze", ["rl_best", "rl_ax"], ["output1"])], \
             [("output0", F, [7, 3]), ("output1", F, [3])]
+    if layout == "misfit-dynamic":  # [B, 7, 3] and [B, 3, 3], declared [B, ?, ?]: told at the first batch
+        return [n("Identity", ["v8"], ["output0"]), n("Identity", ["rl_cls"], ["output1"])], \
+            [("output0", F, ["n", "k"]), ("output1", F, ["m", "c"])]
     raise ValueError(layout)
 
 
@@ -221,6 +224,17 @@ def test_outputs_that_fit_nothing_are_one_error_line(tmp_path, analytic_model, c
     assert "output0 [?, 7, 3], output1 [?, 3]" in line and "--layout" in line
     assert all(name in line for name in LAYOUTS), line
     assert not (tmp_path / "run").exists()
+
+
+def test_outputs_that_fit_nothing_at_the_first_batch_fail_the_run_in_one_line(tmp_path, analytic_model, cli, packed):
+    model = rewire(analytic_model, tmp_path / "misfit.onnx", "misfit-dynamic")
+    dataset, _ = packed[5]
+    r = cli("run", dataset, "--model", model, "--out", tmp_path / "run", "-q")
+    assert r.exit_code == 2
+    line = _error_line(r)
+    assert "output0 [2, 7, 3], output1 [2, 3, 3]" in line or "output0 [1, 7, 3], output1 [1, 3, 3]" in line, line
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["state"] == "failed" and "fit no layout" in run["error"]
 
 
 def test_layout_option_that_does_not_fit_is_refused(tmp_path, analytic_model, cli, packed):

@@ -190,11 +190,10 @@ def nms4_roles(outputs: list[Output]) -> tuple[int, int, int, int] | None:
         by_name.append(hits[0] if len(hits) == 1 else None)
     if None not in by_name and len(set(by_name)) == 4:
         return tuple(by_name)
-    ranks = [len(shape) for _, shape in outputs]
     boxes = [i for i, (_, s) in enumerate(outputs) if len(s) == 3]
     num = [i for i, (_, s) in enumerate(outputs) if len(s) == 1 or (len(s) == 2 and s[1] == 1)]
     pairs = [i for i, (_, s) in enumerate(outputs) if len(s) == 2 and s[1] != 1]
-    if len(boxes) != 1 or len(num) != 1 or len(pairs) != 2 or sorted(ranks).count(2) + ranks.count(1) != 3:
+    if len(boxes) != 1 or len(num) != 1 or len(pairs) != 2:
         return None
     return (num[0], boxes[0], pairs[0], pairs[1])
 
