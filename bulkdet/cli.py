@@ -159,14 +159,16 @@ def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint:
         info = load_model_info(model)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint=param_hint) from None
+    classes = info.names
     if names is not None:
         try:
-            check_names_fit(read_names_file(names), info.outputs, info.end2end, f"class names file {names}")
+            classes = read_names_file(names)
+            check_names_fit(classes, info.outputs, info.end2end, f"class names file {names}")
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--names'") from None
     from bulkdet.model.layouts import LayoutError, detect
 
-    nc = len(read_names_file(names)) if names is not None else len(info.names)
+    nc = len(classes)
     try:  # outputs that fit no layout (or not --layout): told now where their declared shapes tell
         detect(info.outputs, nc or None, info.end2end, layout or info.layout_hint)
     except LayoutError as exc:
