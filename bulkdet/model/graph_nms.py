@@ -52,7 +52,7 @@ def add_nms(source: Path, out: Path, conf: float, iou: float, max_det: int) -> N
 
 
 def _check_layout(source: Path, graph, meta: dict) -> None:
-    """ValueError naming the layout when the model's outputs are not the raw YOLOv8 one."""
+    """LayoutError (a ValueError) naming the layout when the model's outputs are not the raw YOLOv8 one."""
     outputs = [(o.name, tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                               for d in o.type.tensor_type.shape.dim)) for o in graph.output]
     nc = len(parse_names(meta.get("names", ""))) or None

@@ -105,7 +105,8 @@ def nothing_fits(outputs: list[Output], nc: int | None) -> str:
 
 
 _EXPECTED = {
-    "yolov8": "[B, 4+nc, N]", "yolov5": "[B, N, 5+nc]", "end2end": "[B, K, 6]", "detr": "[B, Q, 4+nc] or [B, Q, 4] + [B, Q, nc]",
+    "yolov8": "[B, 4+nc, N]", "yolov5": "[B, N, 5+nc]", "end2end": "[B, K, 6]",
+    "detr": "[B, Q, 4+nc] or [B, Q, 4] + [B, Q, nc]",
     "boxes-scores": "[B, N, 4] + [B, N, nc]", "nms4": "[B, 1] + [B, K, 4] + [B, K] + [B, K]",
 }
 
