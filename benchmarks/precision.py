@@ -20,6 +20,7 @@ TensorRT figures come from `bulkdet run --backend tensorrt --precision ...` on a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ from benchmarks.yolov8n import ensure_model
 from bulkdet.run.decode import Decoder
 from bulkdet.engines import create_engine
 from bulkdet.model.info import load_model_info
+from bulkdet.model.layouts import detect_batch
 from bulkdet.ingest.pack import pack
 from bulkdet.run.calibration import decoded_batches
 from bulkdet.run.plan import plan_batches
@@ -140,13 +142,14 @@ def main() -> None:
     for name, path in nms_paths.items():
         end2end = name == "nms_in_model"
         sess = session(path, args.device, args.threads)
-        outputs = [sess.run(None, {"images": t})[0] for t in tensors]
+        outputs = [sess.run(None, {"images": t}) for t in tensors]
         t0 = time.perf_counter()
-        dets = [postprocess(o, b, nc, CONF, IOU, MAX_DET, end2end) for o, b in zip(outputs, plan)]
+        layout = "end2end" if end2end else detect_batch(list(info.outputs), outputs[0], nc)
+        dets = [postprocess(o, b, layout, CONF, IOU, MAX_DET) for o, b in zip(outputs, plan)]
         n_images = sum(len(t) for t in tensors)
         results["nms_in_model"][name].update(
             host_postprocess_ms_per_image=round(1e3 * (time.perf_counter() - t0) / n_images, 2),
-            output_mb_per_image=round(outputs[0].nbytes / len(tensors[0]) / 1e6, 3),
+            output_mb_per_image=round(sum(o.nbytes for o in outputs[0]) / len(tensors[0]) / 1e6, 3),
             detections=sum(len(d) for batch in dets for d in batch))
 
     drift_plan = first_images(plan_batches(images, hw, args.batch), args.drift_images)
@@ -154,7 +157,8 @@ def main() -> None:
                                    shapes=[(args.batch, *hw)]) for name, path in paths.items()}
     decoders = {np.dtype(e.input_dtype).name: Decoder(args.device, args.batch, out_dtype=e.input_dtype)
                 for e in engines.values()}
-    detect = {name: Detector(e, decoders[np.dtype(e.input_dtype).name], nc, CONF, IOU, MAX_DET, info.end2end)
+    layout = functools.partial(detect_batch, list(info.outputs), nc=nc, end2end=info.end2end)
+    detect = {name: Detector(e, decoders[np.dtype(e.input_dtype).name], layout, CONF, IOU, MAX_DET)
               for name, e in engines.items()}
     for name in ("fp16", "int8-cpu", "int8-gpu"):
         report = check_precision(drift_plan, lambda b: reader.get_many(b.shard, b.keys), detect["fp32"],

@@ -1,5 +1,5 @@
 """The fixed choices of the command line, shared by the CLI (its --help and its checks) and the code
-that acts on them: one home for the names `--device`, `--backend`, `--precision`, `--target` take."""
+that acts on them: one home for the names `--device`, `--backend`, `--precision`, `--target`, `--layout` take."""
 
 from __future__ import annotations
 
@@ -40,6 +40,17 @@ class Precision(Choice):
     FP32 = "fp32"  # the model as given
     FP16 = "fp16"
     INT8 = "int8"
+
+
+class Layout(Choice):
+    """A detector's output layout (`run --layout`; model/layouts.py, docs/models.md)."""
+
+    YOLOV8 = "yolov8"
+    YOLOV5 = "yolov5"
+    END2END = "end2end"
+    DETR = "detr"
+    BOXES_SCORES = "boxes-scores"
+    NMS4 = "nms4"
 
 
 class Int8Target(Choice):

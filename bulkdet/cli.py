@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from bulkdet.choices import (IMGSZ_MAX, IMGSZ_MIN, MAX_BATCH, MAX_DET, MAX_THREADS, SHARD_MB_MAX, SHARD_MB_MIN,
-                             Backend, Device, Int8Target, Precision)
+                             Backend, Device, Int8Target, Layout, Precision)
 from bulkdet.ingest.imageinfo import DEFAULT_MAX_PIXELS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_INPUTS = 0, 1, 2, 3
@@ -145,7 +145,8 @@ def _fileno(stream) -> int | None:
         return None
 
 
-def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint: str = "'--model'") -> None:
+def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint: str = "'--model'",
+                 layout: str | None = None) -> None:
     """The model (and --names) read before anything is written: a file that is no ONNX detector,
     or names that do not fit its output, is a bad option value (exit 2), not a failed run.
     `imgsz`: warn once when it is rounded up to the model's stride (None: not used)."""
@@ -157,11 +158,20 @@ def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint:
         info = load_model_info(model)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint=param_hint) from None
+    classes = info.names
     if names is not None:
         try:
-            check_names_fit(read_names_file(names), info.output_dims, info.end2end, f"class names file {names}")
+            classes = read_names_file(names)
+            check_names_fit(classes, info.outputs, info.end2end, f"class names file {names}")
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--names'") from None
+    from bulkdet.model.layouts import LayoutError, detect
+
+    nc = len(classes)
+    try:  # outputs that fit no layout (or not --layout): told now where their declared shapes tell
+        detect(info.outputs, nc or None, info.end2end, layout or info.layout_hint)
+    except LayoutError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--layout'" if layout else param_hint) from None
     if imgsz is not None and info.fixed_shape is None and imgsz % info.stride:
         log.warning("--imgsz %d is not a multiple of the model's stride %d: using %d (as Ultralytics does)",
                     imgsz, info.stride, model_input_hw(imgsz, info.stride)[0])
@@ -305,17 +315,20 @@ def run(
                                                     "hardware JPEG decoder (DALI's default when unset)."),
     nms_in_model: bool = typer.Option(False, help="Append NMS to the model (YOLOv8 layout): only final "
                                       "detections leave the engine."),
+    layout: Optional[Layout] = typer.Option(None, help="The model's output layout, when its outputs do not "
+                                            "tell it (see docs/models.md; default: told by the outputs)."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.run.runner import RunConfig, run as do_run
     from bulkdet.store.lock import FolderInUse
     from bulkdet.store.run_folder import RunFolderRefused
+    from bulkdet.model.layouts import LayoutError
 
     if not use_ray and (ray_address or workers):
         raise typer.BadParameter("needs --ray", param_hint="'--ray-address' / '--workers'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
-    _check_model(model, names, imgsz)
+    _check_model(model, names, imgsz, layout=layout.value if layout else None)
     cfg = RunConfig(dataset_dir, model, out, device=device.value, backend=backend.value, imgsz=imgsz,
                     max_batch=max_batch, conf=conf, iou=iou, max_det=max_det, names=names,
                     precision=precision.value, overwrite=overwrite,
@@ -323,7 +336,8 @@ def run(
                     commit_images=commit_every, retry_failed=retry_failed,
                     precision_check_images=check_precision, calib_images=calib_images, cache_dir=cache_dir,
                     hw_decoder_load=hw_decoder_load, nms_in_model=nms_in_model,
-                    pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers)
+                    pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers,
+                    layout=layout.value if layout else None)
     try:
         with _quiet_native_output(quiet):
             if use_ray:
@@ -332,7 +346,7 @@ def run(
                 s = run_on_ray(cfg, ray_address, workers)
             else:
                 s = do_run(cfg)
-    except (RunFolderRefused, FolderInUse) as exc:  # the command conflicts with what --out holds: a usage error
+    except (RunFolderRefused, FolderInUse, LayoutError) as exc:  # a conflict with --out, or a model no layout fits
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE)
     except (OSError, ValueError, RuntimeError) as exc:

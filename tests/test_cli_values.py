@@ -14,7 +14,8 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from bulkdet.choices import MAX_DET, Device
-from bulkdet.model.info import detect_layout, load_model_info, parse_names
+from bulkdet.model.info import load_model_info, parse_names
+from bulkdet.model.layouts import LayoutError, detect
 from bulkdet.model.precision import prepare_model
 from bulkdet.run.postprocess import MAX_NMS_CANDIDATES, postprocess
 from bulkdet.store.parts import read_detections, read_images
@@ -168,10 +169,10 @@ def test_names_that_do_not_fit_the_model_are_refused(cli, dataset, analytic_mode
 
 
 def test_without_names_the_layout_is_one_that_can_hold_a_class():
-    assert detect_layout((2, 7, 3), None) == "yolov8"  # was read as YOLOv5 with -2 class columns: argmax crash
-    assert detect_layout((2, 3, 9), None) == "yolov5"
-    with pytest.raises(ValueError, match=r"output shape \(2, 4, 5\) matches no layout"):
-        detect_layout((2, 4, 5), None)
+    assert detect([("o", (2, 7, 3))], None) == "yolov8"  # was read as YOLOv5 with -2 class columns: argmax crash
+    assert detect([("o", (2, 3, 9))], None) == "yolov5"
+    with pytest.raises(LayoutError, match=r"outputs o \[2, 4, 5\] fit no layout"):
+        detect([("o", (2, 4, 5))], None)
 
 
 def test_names_that_fit_are_read_in_every_format(analytic_model, tmp_path):
@@ -292,7 +293,7 @@ def test_postprocess_refuses_inf_and_nan_per_image():
     bad_score[0, 4, 0] = np.inf
     bad_box[0, 0, 3] = np.nan  # an anchor below the threshold: still a broken output
     out = np.concatenate([good, bad_score, bad_box])
-    dets = postprocess(out, batch_of([(640, 640)] * 3), nc=2, conf=0.25, iou=0.45, max_det=300)
+    dets = postprocess([out], batch_of([(640, 640)] * 3), "yolov8", conf=0.25, iou=0.45, max_det=300)
     assert len(dets[0]) == 1 and dets[0].error is None
     assert len(dets[1]) == 0 and "0 NaN and 1 inf" in dets[1].error
     assert len(dets[2]) == 0 and "1 NaN and 0 inf" in dets[2].error

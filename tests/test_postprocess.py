@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from bulkdet.model.info import detect_layout, parse_names
+from bulkdet.model.info import parse_names
+from bulkdet.model.layouts import detect
 from bulkdet.run.plan import Batch, letterbox
 from bulkdet.run.postprocess import nms, postprocess
 
@@ -26,7 +27,7 @@ def test_letterbox_geometry_centres_and_keeps_aspect():
     ((1, 300, 6), None, "end2end"), ((1, 6300, 6), 1, "yolov5"),
 ])
 def test_detect_layout(shape, nc, layout):
-    assert detect_layout(shape, nc) == layout
+    assert detect([("output0", shape)], nc) == layout
 
 
 def test_parse_names_formats():
@@ -53,7 +54,7 @@ def test_yolov8_classwise_nms_and_unletterbox():
     # 1280x720 image -> 640x360 at top 140: input box maps to original by x2 scale.
     out = yolov8_output([(100, 240, 200, 340), (102, 242, 202, 342), (100, 240, 200, 340)],
                         [0, 0, 1], [0.9, 0.8, 0.7], nc=2)
-    dets = postprocess(out, batch_of([(1280, 720)]), nc=2, conf=0.25, iou=0.45, max_det=300)[0]
+    dets = postprocess([out], batch_of([(1280, 720)]), "yolov8", conf=0.25, iou=0.45, max_det=300)[0]
     assert len(dets) == 2  # same-class duplicate removed, other class kept despite overlap
     assert sorted(dets.class_ids.tolist()) == [0, 1]
     np.testing.assert_allclose(dets.boxes[0], [200, 200, 400, 400], atol=1e-4)
@@ -63,7 +64,7 @@ def test_yolov5_objectness_multiplies_class_score():
     out = np.zeros((1, 4, 7), np.float32)
     out[0, 0] = [320, 320, 100, 100, 0.5, 0.9, 0.1]  # 0.45 score class 0
     out[0, 1] = [100, 100, 20, 20, 0.2, 0.9, 0.1]  # 0.18 < conf
-    dets = postprocess(out, batch_of([(640, 640)]), nc=2, conf=0.25, iou=0.45, max_det=300)[0]
+    dets = postprocess([out], batch_of([(640, 640)]), "yolov5", conf=0.25, iou=0.45, max_det=300)[0]
     assert len(dets) == 1 and dets.scores[0] == pytest.approx(0.45)
     np.testing.assert_allclose(dets.boxes[0], [270, 270, 370, 370])
 
@@ -71,7 +72,7 @@ def test_yolov5_objectness_multiplies_class_score():
 def test_end2end_no_nms_conf_filter_and_clip():
     out = np.array([[[10, 10, 50, 50, 0.9, 3], [12, 12, 52, 52, 0.8, 3], [600, 600, 700, 700, 0.5, 1],
                      [0, 0, 5, 5, 0.1, 2]]], np.float32)
-    dets = postprocess(out, batch_of([(640, 640)]), nc=None, conf=0.25, iou=0.45, max_det=300)[0]
+    dets = postprocess([out], batch_of([(640, 640)]), "end2end", conf=0.25, iou=0.45, max_det=300)[0]
     assert len(dets) == 3  # overlapping boxes kept: the graph already did NMS
     assert dets.boxes.max() <= 640  # clipped to the image
     assert dets.class_ids.tolist() == [3, 3, 1]
@@ -80,5 +81,5 @@ def test_end2end_no_nms_conf_filter_and_clip():
 def test_max_det_keeps_best():
     out = yolov8_output([(i * 20, 0, i * 20 + 10, 10) for i in range(10)], [0] * 10,
                         [0.3 + i * 0.05 for i in range(10)], nc=1)
-    dets = postprocess(out, batch_of([(640, 640)]), nc=1, conf=0.25, iou=0.45, max_det=3)[0]
+    dets = postprocess([out], batch_of([(640, 640)]), "yolov8", conf=0.25, iou=0.45, max_det=3)[0]
     assert np.allclose(dets.scores, [0.75, 0.7, 0.65])

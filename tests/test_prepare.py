@@ -182,7 +182,7 @@ def test_check_precision_reports_boxes_that_drift(conv_model, dataset, tmp_path)
     assert [len(b) for b in batches] == [3, 2]
     decoder = Decoder("cpu", 3)
     reader = ShardReader(ds / "shards")
-    detect = [Detector(create_engine("onnxruntime", m), decoder, 3, 0.25, 0.45, 300, False)
+    detect = [Detector(create_engine("onnxruntime", m), decoder, lambda outputs: "yolov8", 0.25, 0.45, 300)
               for m in (conv_model, drifting)]
     report = check_precision(batches, lambda b: reader.get_many(b.shard, b.keys), *detect, "int8")
     reader.close()
@@ -244,8 +244,8 @@ def test_nms_in_the_graph_selects_what_the_host_selects(tmp_path, max_det):
     assert end2end.shape == (2, max_det, 6)
     wh = np.full(2, size, np.int32)
     batch = Batch(0, 0, np.arange(2), ["a", "b"], [b"a", b"b"], wh, wh, (size, size), letterbox(wh, wh, size, size))
-    host = postprocess(raw, batch, nc, 0.25, 0.45, max_det)
-    graph = postprocess(end2end, batch, nc, 0.25, 0.45, max_det, end2end=True)
+    host = postprocess([raw], batch, "yolov8", 0.25, 0.45, max_det)
+    graph = postprocess([end2end], batch, "end2end", 0.25, 0.45, max_det)
     for i, (h, g) in enumerate(zip(host, graph)):
         candidates = int((raw[i, 4:].max(0) > 0.25).sum())
         assert 5 < len(h) < candidates and len(g) == len(h)  # NMS removed overlapping boxes

@@ -46,6 +46,7 @@ class InputSlot:
     shape: tuple[int, ...]
     dtype: np.dtype
     owner: bool = True
+    capacity: int | None = None  # rows the buffer holds from `ptr` (None: just `shape[0]`)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -58,7 +59,38 @@ class InputSlot:
             return self
         per_image = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         return InputSlot(self.index, self.ptr + start * per_image, (max(stop - start, 0), *self.shape[1:]),
-                         self.dtype, owner=False)
+                         self.dtype, owner=False, capacity=(self.capacity or len(self)) - start)
+
+    def widened(self, rows: int) -> "InputSlot":
+        """A view of `rows` rows from the same start: the rows past this batch hold whatever the
+        buffer held (a fixed-batch model's padding, dropped from its outputs)."""
+        if rows > (self.capacity or len(self)):
+            raise RuntimeError(f"a batch of {len(self)} at this place of its input buffer can't be padded to "
+                               f"the model's fixed batch {rows}")
+        return InputSlot(self.index, self.ptr, (rows, *self.shape[1:]), self.dtype, owner=False,
+                         capacity=self.capacity)
+
+
+def fixed_batch(infer, n: int | None):
+    """`infer` for a model with a fixed batch `n`: a shorter batch (a shard's last, or a half made by
+    run/oom.py) is padded to n rows, and the padding rows are dropped from the outputs."""
+    if not n:
+        return infer
+
+    def padded(images) -> list[np.ndarray]:
+        k = len(images)
+        if k == n:
+            return infer(images)
+        if k > n:
+            raise ValueError(f"a batch of {k} images for a model with a fixed batch of {n}")
+        if isinstance(images, InputSlot):
+            full = images.widened(n)
+        else:
+            images = np.asarray(images)
+            full = np.concatenate([images, np.zeros((n - k, *images.shape[1:]), images.dtype)])
+        return [output[:k] for output in infer(full)]
+
+    return padded
 
 
 def ring_elements(shapes, channels: int = 3) -> int:

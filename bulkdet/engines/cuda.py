@@ -131,7 +131,8 @@ class InputRing:
         except BaseException:
             self.free.put(index)
             raise
-        return InputSlot(index, buf.ptr, shape, self.dtype)
+        return InputSlot(index, buf.ptr, shape, self.dtype,
+                         capacity=buf.nbytes // (int(np.prod(shape[1:])) * self.dtype.itemsize))
 
     def release(self, slot) -> None:
         """Give a staged batch's buffer back (anything else, views included, is ignored)."""

@@ -214,7 +214,8 @@ class TensorRTEngine:
         write_bytes_atomic(plan, path, per_process=True)
         write_json_atomic({"onnx": str(onnx_path), "key": key, "tensorrt": trt.__version__, "gpu": gpu_name,
                            "compute_capability": list(cc), "profiles": [asdict(p) for p in profiles],
-                           "names": info.names, "stride": info.stride, "end2end": info.end2end},
+                           "names": info.names, "stride": info.stride, "end2end": info.end2end,
+                           "layout": info.layout_hint},
                           path.with_suffix(".json"), per_process=True)
         engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
@@ -286,6 +287,8 @@ def engine_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
     dims = [int(d) if int(d) > 0 else None for d in engine.get_tensor_shape(name)]
+    outputs = tuple((n, tuple(int(d) if int(d) > 0 else None for d in engine.get_tensor_shape(n)))
+                    for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
     sidecar = path.with_suffix(".json")
     meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     classes = parse_names(Path(names_file).read_text()) if names_file else {
@@ -293,4 +296,5 @@ def engine_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
     return ModelInfo(path=path, sha256=file_sha256(path), input_name=name,
                      input_dtype=np.dtype(trt.nptype(engine.get_tensor_dtype(name))).type,
                      batch=dims[0], height=dims[2], width=dims[3], names=classes,
-                     stride=int(meta.get("stride", 32)), end2end=bool(meta.get("end2end", False)))
+                     stride=int(meta.get("stride", 32)), end2end=bool(meta.get("end2end", False)),
+                     outputs=outputs, layout_hint=meta.get("layout"))

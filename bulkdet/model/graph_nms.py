@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bulkdet.model.info import model_metadata, parse_names
+from bulkdet.model.info import layout_hint, model_metadata, parse_names
+from bulkdet.model.layouts import LayoutError, describe, detect
 
 MIN_OPSET = 13  # Unsqueeze with axes as an input
 NMS_VERSION = 1  # bump when the appended graph changes: cached models are made again
@@ -36,6 +37,7 @@ def add_nms(source: Path, out: Path, conf: float, iou: float, max_det: int) -> N
     raw = graph.output[0]
     dims = [d.dim_value if d.HasField("dim_value") else None for d in raw.type.tensor_type.shape.dim]
     meta = model_metadata(model)
+    _check_layout(source, graph, meta)
     if len(dims) != 3 or str(meta.get("end2end", "")).lower() == "true":
         raise ValueError(f"{source}: NMS in the model needs a raw YOLOv8 output [B, 4+nc, N], got {dims}")
     nc = _classes(model, dims)
@@ -47,6 +49,22 @@ def add_nms(source: Path, out: Path, conf: float, iou: float, max_det: int) -> N
     helper.set_model_props(model, {**meta, "end2end": "True", "bulkdet.nms": f"conf={conf} iou={iou} max_det={max_det}"})
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
+
+
+def _check_layout(source: Path, graph, meta: dict) -> None:
+    """LayoutError (a ValueError) naming the layout when the model's outputs are not the raw YOLOv8 one."""
+    outputs = [(o.name, tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                              for d in o.type.tensor_type.shape.dim)) for o in graph.output]
+    nc = len(parse_names(meta.get("names", ""))) or None
+    end2end = str(meta.get("end2end", "")).lower() == "true"
+    try:
+        layout = detect(outputs, nc, end2end, layout_hint(meta))
+    except LayoutError:
+        layout = "unknown"
+    if layout not in ("yolov8", None):
+        raise LayoutError(f"{source}: NMS in the model supports the yolov8 layout [B, 4+nc, N] only; this model's "
+                         f"outputs {describe(outputs)} are the {layout} layout: run without --nms-in-model "
+                         f"(bulkdet applies the NMS its layout needs)")
 
 
 def _classes(model: onnx.ModelProto, dims: list) -> int:

@@ -1,4 +1,4 @@
-"""What a model file is: an ONNX detector (input spec, stride, class names, output layout) or a TensorRT engine."""
+"""What a model file is: an ONNX detector (input spec, stride, class names, declared outputs) or a TensorRT engine."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+
+from bulkdet.model.layouts import LayoutError, describe, detect
 
 DEFAULT_STRIDE = 32  # pixels per output cell, when the model's metadata does not say
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
@@ -47,7 +49,9 @@ class ModelInfo:
     names: dict[int, str]
     stride: int
     end2end: bool  # metadata says the graph already ran NMS
-    output_dims: tuple[int | None, ...] | None = None  # of the first output (None: dynamic); None: unknown
+    # Every declared output: (name, dims), None for a dynamic dimension (model/layouts.py reads them).
+    outputs: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
+    layout_hint: str | None = None  # the layout the metadata names (Ultralytics' RT-DETR: detr)
 
     @property
     def fixed_shape(self) -> tuple[int, int] | None:
@@ -115,20 +119,36 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     return model
 
 
-def check_names_fit(names: dict[int, str], output_dims, end2end: bool, source: str) -> None:
-    """ValueError when the output shape is known and no layout has len(names) classes."""
-    dims = tuple(output_dims or ())
-    if not names or len(dims) != 3 or dims[1] is None or dims[2] is None:
-        return  # nothing to check against: the post-processing tells the layout per batch
+def check_names_fit(names: dict[int, str], outputs, end2end: bool, source: str) -> None:
+    """ValueError when the outputs' shapes are known and no layout has len(names) classes."""
+    outputs = list(outputs or ())
+    if not names or not outputs or any(d is None for _, dims in outputs for d in dims[1:]):
+        return  # nothing to check against: the layout is told at the first batch
     try:
-        detect_layout((1, *dims[1:]), len(names), end2end)
-    except ValueError:
+        detect(outputs, len(names), end2end)
+        return
+    except LayoutError:
+        pass
+    try:
+        detect(outputs, None, end2end)
+    except LayoutError:
+        return  # no layout fits these outputs whatever the names: the layout's error says so
+    dims = outputs[0][1]
+    if len(outputs) == 1 and len(dims) == 3:
         a, b = dims[1:]
         fits = [f"{n} (YOLOv{v} layout)" for n, v in ((a - 4, 8), (b - 5, 5)) if n > 0]
         raise ValueError(f"{source} gives {len(names)} class names, but the model's output shape "
                          f"[B, {a}, {b}] fits no layout for {len(names)} classes"
                          + (f"; it has {' or '.join(fits)}" if fits else "")
-                         + ": give the names the model was trained with") from None
+                         + ": give the names the model was trained with")
+    raise ValueError(f"{source} gives {len(names)} class names, but the model's outputs {describe(outputs)} "
+                     f"fit no layout for {len(names)} classes: give the names the model was trained with")
+
+
+def layout_hint(meta: dict[str, str]) -> str | None:
+    """The layout a model's metadata names: Ultralytics' RT-DETR exports say so in their description."""
+    description = meta.get("description", "").lower()
+    return "detr" if "rtdetr" in description or "rt-detr" in description else None
 
 
 def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
@@ -145,8 +165,7 @@ def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
         raise ValueError(f"{path}: input must be [B,3,H,W], got {dims}")
     if tensor.elem_type not in _ONNX_DTYPES:
         raise ValueError(f"{path}: input dtype {onnx.TensorProto.DataType.Name(tensor.elem_type)} not supported")
-    outputs = model.graph.output
-    output_dims = tuple(_dim(d) for d in outputs[0].type.tensor_type.shape.dim) if outputs else None
+    outputs = tuple((o.name, tuple(_dim(d) for d in o.type.tensor_type.shape.dim)) for o in model.graph.output)
     end2end = str(meta.get("end2end", "")).lower() == "true"
     if names_file:
         names, source = read_names_file(names_file), f"class names file {names_file}"
@@ -155,12 +174,12 @@ def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
             names, source = parse_names(meta.get("names", "")), f"{path}'s metadata"
         except ValueError as exc:
             raise ValueError(f"{path}: class names in its metadata: {exc}; give them with --names") from None
-    check_names_fit(names, output_dims, end2end, source)
+    check_names_fit(names, outputs, end2end, source)
     return ModelInfo(
         path=path, sha256=file_sha256(path), input_name=inputs[0].name,
         input_dtype=_ONNX_DTYPES[tensor.elem_type], batch=dims[0], height=dims[2], width=dims[3],
         names=names, stride=_stride(meta.get("stride"), path),
-        end2end=end2end, output_dims=output_dims,
+        end2end=end2end, outputs=outputs, layout_hint=layout_hint(meta),
     )
 
 
@@ -173,34 +192,6 @@ def _stride(value: str | None, path: Path) -> int:
     if stride <= 0:
         raise ValueError(f"{path}: its metadata gives stride {value!r}, not a positive whole number of pixels")
     return stride
-
-
-def detect_layout(shape: tuple[int, ...], nc: int | None, end2end: bool = False) -> str:
-    """Tell the output layout apart by shape: [B,4+nc,N], [B,N,5+nc] or [B,K,6]."""
-    if len(shape) != 3:
-        raise ValueError(f"unsupported output shape {shape}: expected 3 dimensions")
-    _, a, b = shape
-    if end2end and b == 6:
-        return "end2end"
-    if nc:
-        if a == 4 + nc:
-            return "yolov8"
-        if b == 6 and a <= 1000:  # end-to-end heads keep a few hundred boxes
-            return "end2end"
-        if b == 5 + nc:
-            return "yolov5"
-        if b == 6:
-            return "end2end"
-        raise ValueError(f"output shape {shape} matches no layout for {nc} classes")
-    if b == 6 and a <= 1000:
-        return "end2end"
-    fits = [layout for layout, fit in (("yolov8", a > 4), ("yolov5", b > 5)) if fit]  # at least one class
-    if not fits:
-        raise ValueError(f"output shape {shape} matches no layout: YOLOv8 [B, 4+nc, N], YOLOv5 [B, N, 5+nc] "
-                         f"or end-to-end [B, K, 6]")
-    if len(fits) == 1:  # e.g. [B, 7, 3]: 3 classes of 3 boxes, never 2 values per box
-        return fits[0]
-    return "yolov8" if a < b else "yolov5"  # boxes outnumber the values per box
 
 
 def model_input_hw(imgsz: int, stride: int = DEFAULT_STRIDE,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bulkdet.choices import MAX_DET
-from bulkdet.model.info import detect_layout
+from bulkdet.model.layouts import decode
 from bulkdet.run.plan import Batch
 
 MAX_NMS_CANDIDATES = MAX_DET  # cap before NMS, as the reference YOLO predictors do
@@ -38,28 +38,14 @@ class Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int16), error)
 
 
-def non_finite(output: np.ndarray) -> str | None:
-    """Why one image's raw output is unusable (inf/NaN values), or None when it is finite."""
-    if np.isfinite(output).all():
+def non_finite(*outputs: np.ndarray) -> str | None:
+    """Why one image's raw outputs are unusable (inf/NaN values), or None when they are finite."""
+    floats = [o for o in outputs if np.issubdtype(o.dtype, np.floating)]
+    if all(np.isfinite(o).all() for o in floats):
         return None
-    nan, inf = int(np.isnan(output).sum()), int(np.isinf(output).sum())
+    nan, inf = sum(int(np.isnan(o).sum()) for o in floats), sum(int(np.isinf(o).sum()) for o in floats)
     return (f"the model's output holds {nan} NaN and {inf} inf value(s) for this image: no detections kept "
             f"(a broken model or a precision overflow; compare with --precision fp32)")
-
-
-def split_candidates(output: np.ndarray, layout: str):
-    """Per-image (boxes xyxy in input pixels, best score, best class) for each layout."""
-    if layout == "yolov8":  # [B, 4+nc, N]: cx, cy, w, h, class scores
-        pred = output.transpose(0, 2, 1)
-        xywh, cls_scores = pred[..., :4], pred[..., 4:]
-    elif layout == "yolov5":  # [B, N, 5+nc]: cx, cy, w, h, objectness, class scores
-        xywh, cls_scores = output[..., :4], output[..., 5:] * output[..., 4:5]
-    else:  # end2end [B, K, 6]: x1, y1, x2, y2, score, class
-        return output[..., :4], output[..., 4], output[..., 5].astype(np.int64)
-    boxes = np.concatenate([xywh[..., :2] - xywh[..., 2:] / 2, xywh[..., :2] + xywh[..., 2:] / 2], axis=-1)
-    class_ids = cls_scores.argmax(-1)
-    scores = np.take_along_axis(cls_scores, class_ids[..., None], -1)[..., 0]
-    return boxes, scores, class_ids
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
@@ -80,22 +66,24 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def postprocess(output: np.ndarray, batch: Batch, nc: int | None, conf: float, iou: float,
-                max_det: int, end2end: bool = False) -> list[Detections]:
-    output = np.asarray(output, dtype=np.float32)
-    layout = detect_layout(output.shape, nc, end2end)
-    boxes, scores, class_ids = split_candidates(output, layout)
+def postprocess(outputs: list[np.ndarray], batch: Batch, layout: str, conf: float, iou: float,
+                max_det: int, output_names: list[str] | None = None) -> list[Detections]:
+    """All of one batch's model outputs (batch-major, padding rows already dropped) in `layout`
+    (model/layouts.py) -> detections per image in upright original pixels."""
+    cand = decode(layout, outputs, batch.input_hw, output_names)
+    boxes, scores, class_ids = cand.boxes, cand.scores, cand.class_ids
     scale_x, scale_y = batch.letterbox.scale(batch.width, batch.height)
     results = []
     for i in range(len(batch)):
-        if error := non_finite(output[i]):
+        if error := non_finite(*(np.asarray(o[i]) for o in outputs)):
             results.append(Detections.refused(error))
             continue
-        keep = np.flatnonzero(scores[i] > conf)
+        rows = scores[i] if cand.valid is None else scores[i][:max(int(cand.valid[i]), 0)]
+        keep = np.flatnonzero(rows > conf)
         if keep.size > MAX_NMS_CANDIDATES:
             keep = keep[np.argsort(scores[i][keep])[::-1][:MAX_NMS_CANDIDATES]]
         b, s, c = boxes[i][keep], scores[i][keep], class_ids[i][keep]
-        if layout != "end2end" and len(s):
+        if cand.needs_nms and len(s):
             kept = nms(b + (c * _CLASS_OFFSET)[:, None], s, iou)
             b, s, c = b[kept], s[kept], c[kept]
         order = np.argsort(-s, kind="stable")[:max_det]

@@ -9,11 +9,13 @@ than 0.05; an FP32 box with no match is missed, a box with no FP32 match is extr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from bulkdet.engines.base import fixed_batch
 from bulkdet.run.plan import Batch
 from bulkdet.run.postprocess import Detections, postprocess
 
@@ -153,14 +155,22 @@ def _head(value, k: int, length: int | None = None):
 class Detector:
     """decode -> infer -> postprocess for whole batches, one model (a reference or the one tested)."""
 
-    def __init__(self, engine, decoder, nc: int | None, conf: float, iou: float, max_det: int, end2end: bool):
-        self.engine, self.decoder = engine, decoder
-        self.post = dict(nc=nc, conf=conf, iou=iou, max_det=max_det, end2end=end2end)
+    def __init__(self, engine, decoder, layout, conf: float, iou: float, max_det: int,
+                 output_names: list[str] | None = None, batch: int | None = None):
+        """`layout(outputs) -> str`: the model's output layout (told by a batch's outputs if need be);
+        `batch`: the model's fixed batch (shorter batches are padded to it), None: dynamic."""
+        self.engine, self.decoder, self.layout = engine, decoder, layout
+        self.infer = fixed_batch(engine.infer, batch)
+        self.post = dict(conf=conf, iou=iou, max_det=max_det, output_names=output_names)
 
     def __call__(self, batch: Batch, encoded: list[bytes]) -> tuple[list[Detections], dict[int, str]]:
         decoded = self.decoder.decode(batch, encoded)
-        outputs = self.engine.infer(decoded.tensor)
-        detections = postprocess(outputs[0], batch, **self.post)
+        staged = self.engine.stage(decoded.tensor)  # as the run does: GPU engines' input buffer
+        try:
+            outputs = self.infer(staged)
+        finally:
+            self.engine.release(staged)
+        detections = postprocess(outputs, batch, self.layout(outputs), **self.post)
         return detections, {**{i: d.error for i, d in enumerate(detections) if d.error}, **decoded.errors}
 
 
@@ -186,6 +196,7 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
     from bulkdet.run.decode import Decoder
     from bulkdet.engines import create_engine
     from bulkdet.model.info import load_model_info
+    from bulkdet.model.layouts import detect_batch
     from bulkdet.run.plan import plan_batches
     from bulkdet.store.readers import Unreadable
 
@@ -194,7 +205,7 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
         log.warning("--check-precision: nothing to compare (the model given runs as it is; pass the FP32 "
                     "ONNX with --precision fp16 or int8, or --nms-in-model)")
         return None
-    engine, decoder, model = processor.engine, processor.decoder, processor.model
+    engine, decoder = processor.engine, processor.decoder
     reference_engine = create_engine(engine.name, cfg.model, device=processor.device, threads=cfg.infer_threads,
                                      shapes=processor.shapes, cache_dir=cfg.cache_dir, ring_slots=2)
     try:
@@ -202,14 +213,19 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
         if np.dtype(reference_engine.input_dtype) != np.dtype(engine.input_dtype):
             reference_decoder = Decoder(decoder.device, decoder.max_batch, cfg.dali_threads,
                                         out_dtype=reference_engine.input_dtype, hw_decoder_load=cfg.hw_decoder_load)
-        post = (len(model.names) or None, cfg.conf, cfg.iou, cfg.max_det)
-        reference_end2end = load_model_info(cfg.model).end2end  # the FP32 source: no NMS in it (usually)
+        post = (cfg.conf, cfg.iou, cfg.max_det)
+        reference = load_model_info(cfg.model, cfg.names)  # the FP32 source: no NMS in it (usually)
+        told = (len(reference.names) or None, reference.end2end, cfg.layout or reference.layout_hint)
+        reference_layout = functools.partial(detect_batch, reference.outputs, nc=told[0], end2end=told[1],
+                                             override=told[2])
         batches = first_images(plan_batches(todo, processor.input_hw, processor.max_batch), cfg.precision_check_images)
         reader = processor.reader
         report = check_precision(batches, lambda b: [None if isinstance(data, Unreadable) else data
                                                      for data in reader.read(b.shard, b.image_ids, b.keys)],
-                                 Detector(reference_engine, reference_decoder, *post, reference_end2end),
-                                 Detector(engine, decoder, *post, model.end2end),
+                                 Detector(reference_engine, reference_decoder, reference_layout, *post,
+                                          [name for name, _ in reference.outputs], reference.batch),
+                                 Detector(engine, decoder, processor.layout_for, *post, processor.output_names,
+                                          processor.model.batch),
                                  prepared.precision + ("+nms" if prepared.nms else ""))
     finally:
         reference_engine.close()

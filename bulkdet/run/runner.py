@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import sys
+import threading
 import time
 import uuid
 from dataclasses import KW_ONLY, asdict, dataclass, field
@@ -26,7 +27,9 @@ import pyarrow.compute as pc
 
 from bulkdet import __version__
 from bulkdet.engines import create_engine, model_info
+from bulkdet.engines.base import fixed_batch
 from bulkdet.model.info import ModelInfo, model_input_hw
+from bulkdet.model.layouts import LayoutError, detect, detect_batch
 from bulkdet.model.precision import DEFAULT_CALIB_IMAGES, ModelFile, model_for_run, with_nms
 from bulkdet.run.calibration import decoded_batches
 from bulkdet.run.decode import Decoder
@@ -75,6 +78,7 @@ class RunConfig:
     pixel_budget: int | None = None  # input pixels per batch (None: plan.default_pixel_budget)
     decode_budget: int | None = None  # original pixels decoded at once (None: DEFAULT_DECODE_BUDGET)
     infer_workers: int | None = None  # batches inferred at once (None: default_threads)
+    layout: str | None = None  # the model's output layout (model/layouts.py); None: told by its outputs
 
 
 @dataclass
@@ -154,11 +158,16 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
     model_file = model_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz,
                                cfg.cache_dir, selection.device, feed=decoded_batches)
     if cfg.nms_in_model:
+        if cfg.layout not in (None, "yolov8"):
+            raise LayoutError(f"--nms-in-model supports the yolov8 layout only, not --layout {cfg.layout}: "
+                              f"run without --nms-in-model (bulkdet applies the NMS its layout needs)")
         model_file = with_nms(model_file, cfg.conf, cfg.iou, cfg.max_det, cfg.cache_dir)
     model = model_info(model_file.path, cfg.names)
+    layout = start_layout(cfg, model)  # None: told by the shapes of the first batch
     identity = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                 "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names,
-                "dataset_id": dataset_id(cfg.dataset)}
+                "dataset_id": dataset_id(cfg.dataset),
+                **({"layout": cfg.layout} if cfg.layout else {})}
     run_id = uuid.uuid4().hex[:12]
     metadata = {"bulkdet.run_id": run_id, "bulkdet.version": __version__, "model_sha256": model.sha256,
                 "conf": cfg.conf, "iou": cfg.iou, "imgsz": cfg.imgsz, "precision": cfg.precision}
@@ -166,9 +175,19 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
                 "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
                 "model": {"path": str(cfg.model), "sha256": model.sha256, "names": model.names,
                           "input_hw": model_input_hw(cfg.imgsz, model.stride, model.fixed_shape),
-                          "input_dtype": np.dtype(model.input_dtype).name, "prepared": model_file.as_dict()},
+                          "input_dtype": np.dtype(model.input_dtype).name, "prepared": model_file.as_dict(),
+                          "layout": layout, "outputs": [[name, list(dims)] for name, dims in model.outputs]},
                 "device_selection": asdict(selection), "environment": environment()}
     return RunJob(cfg, selection, model_file, model, run_id, identity, metadata, run_json)
+
+
+def start_layout(cfg: RunConfig, model: ModelInfo, values=None) -> str | None:
+    """The output layout, from the model's declared outputs (or, with `values`, one batch's real
+    outputs); None while a dynamic dimension hides it. LayoutError when nothing fits."""
+    # --nms-in-model made the model that runs: its output is end2end, whatever the source's was.
+    override = None if cfg.nms_in_model and model.end2end else cfg.layout or model.layout_hint
+    told = (len(model.names) or None, model.end2end, override)
+    return detect(model.outputs, *told) if values is None else detect_batch(model.outputs, values, *told)
 
 
 def rows_left(manifest: pa.Table, done: set[int], shards: list[int] | None) -> tuple[pa.Table, pa.Table]:
@@ -205,7 +224,8 @@ def execute_local(job: RunJob, todo: pa.Table, folder: RunFolder) -> ExecResult:
     engine = processor.engine
     return ExecResult(metrics.stage_totals(), result.fallback_decoded, result.oom_splits,
                       {"device": processor.device, "backend": engine.name, "provider": engine.provider,
-                       "plan": result.plan, "threads": processor.threads},
+                       "plan": result.plan, "threads": processor.threads,
+                       "model": {**job.run_json["model"], "layout": processor.layout}},  # told at the first batch
                       drift.summary() if drift else "")
 
 
@@ -259,7 +279,20 @@ class ShardProcessor:
         self.decoder = Decoder(device, self.max_batch, dali_threads, out_dtype=self.engine.input_dtype,
                                hw_decoder_load=cfg.hw_decoder_load)
         self.reader = open_dataset_reader(cfg.dataset)  # its shards, or the source (packed by reference)
-        self.infer = HalvingInfer(self.engine.infer)  # halves a batch that runs out of memory
+        # A fixed-batch model gets batches of exactly model.batch (padded); a batch that runs out of
+        # memory is halved (and the halves padded again).
+        self.infer = HalvingInfer(fixed_batch(self.engine.infer, model.batch))
+        self.output_names = [name for name, _ in model.outputs] or None
+        self.layout = start_layout(cfg, model)  # None: told at the first batch
+        self._layout_lock = threading.Lock()
+
+    def layout_for(self, outputs: list[np.ndarray]) -> str:
+        """The run's layout; the first batch's outputs tell it where declared shapes could not."""
+        with self._layout_lock:
+            if self.layout is None:
+                self.layout = start_layout(self.cfg, self.model, outputs)
+                log.info("output layout: %s", self.layout)
+            return self.layout
 
     def close(self) -> None:
         self.reader.close()
@@ -305,8 +338,8 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
             work.decoded.tensor = None
 
     def post(work: _Work):
-        work.detections = postprocess(work.outputs[0], work.batch, len(model.names) or None, cfg.conf,
-                                      cfg.iou, cfg.max_det, model.end2end)
+        work.detections = postprocess(work.outputs, work.batch, processor.layout_for(work.outputs), cfg.conf,
+                                      cfg.iou, cfg.max_det, processor.output_names)
         work.outputs = None
 
     def write(work: _Work):
