@@ -36,6 +36,7 @@ from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget,
 from bulkdet.run.postprocess import INFER_ERROR, postprocess
 from bulkdet.run.precision_check import check_run_precision
 from bulkdet.run.progress import Progress
+from bulkdet.run.tiles import ImageAssembler, TileSettings, expand as expand_tiles
 from bulkdet.store.manifest import dataset_id, processed, read_manifest, unprocessed
 from bulkdet.store.run_folder import PartWriter, RunFolder
 from bulkdet.store.shards import ShardReader
@@ -74,6 +75,7 @@ class RunConfig:
     pixel_budget: int | None = None  # input pixels per batch (None: plan.default_pixel_budget)
     decode_budget: int | None = None  # original pixels decoded at once (None: DEFAULT_DECODE_BUDGET)
     infer_workers: int | None = None  # batches inferred at once (None: default_threads)
+    tiles: TileSettings = field(default_factory=TileSettings)  # --tile: sliced inference (run/tiles.py)
 
 
 @dataclass
@@ -157,7 +159,7 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
     model = model_info(model_file.path, cfg.names)
     identity = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                 "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names,
-                "dataset_id": dataset_id(cfg.dataset)}
+                "dataset_id": dataset_id(cfg.dataset), "tiles": cfg.tiles.identity()}
     run_id = uuid.uuid4().hex[:12]
     metadata = {"bulkdet.run_id": run_id, "bulkdet.version": __version__, "model_sha256": model.sha256,
                 "conf": cfg.conf, "iou": cfg.iou, "imgsz": cfg.imgsz, "precision": cfg.precision}
@@ -227,6 +229,7 @@ class _Work:
         self.decoded = None
         self.outputs = None
         self.detections = None
+        self.images_written = 0
         self.times = BatchTimes()
 
 
@@ -273,7 +276,9 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
     """
     cfg, model, device, input_hw = processor.cfg, processor.model, processor.device, processor.input_hw
     engine, decoder, reader = processor.engine, processor.decoder, processor.reader
-    batches = plan(rows, cfg.imgsz, processor.max_batch, stride=model.stride, fixed_hw=model.fixed_shape,
+    tiles = cfg.tiles.on
+    assembler = ImageAssembler(cfg.tiles, cfg.max_det) if tiles else None
+    batches = plan(expand_tiles(rows, cfg.tiles) if tiles else rows, cfg.imgsz, processor.max_batch, stride=model.stride, fixed_hw=model.fixed_shape,
                    pixel_budget=cfg.pixel_budget or default_pixel_budget(device, input_hw[0], processor.max_batch),
                    decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
     fallback_decoded = 0
@@ -313,18 +318,28 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
         pack_error = batch.pack_error or [None] * len(batch)
         status = ["decode_error" if i in errors else INFER_ERROR if dets[i].error else pack_status[i]
                   for i in range(len(batch))]
-        writer.add_images(batch.shard, batch.image_ids, batch.paths, batch.width, batch.height, status,
-                          [errors.get(i) or dets[i].error or pack_error[i] for i in range(len(batch))],
-                          [None if i in errors or d.error else d for i, d in enumerate(dets)])
-        progress.update(len(batch), work.encoded_bytes, len(batch) - status.count("ok"))
+        columns = (batch.image_ids, batch.paths, batch.width, batch.height, status,
+                   [errors.get(i) or dets[i].error or pack_error[i] for i in range(len(batch))],
+                   [None if i in errors or d.error else d for i, d in enumerate(dets)])
+        if assembler is not None:  # tile items: only the images whose last item this is
+            columns = assembler.add(batch, *columns[4:])
+            if columns is None:
+                progress.update(0, work.encoded_bytes, 0)
+                return
+            status = columns[4]
+        writer.add_images(batch.shard, *columns)
+        work.images_written = len(status)
+        progress.update(len(status), work.encoded_bytes, len(status) - status.count("ok"))
 
     def record(work: _Work):
-        metrics.record(work.batch, work.times, len(work.decoded.errors), work.encoded_bytes)
+        metrics.record(work.batch, work.times, len(work.decoded.errors), work.encoded_bytes, work.images_written)
 
     work = {"read": read, "decode": decode, "infer": infer, "postprocess": post, "write": write}
     pipeline = StagePipeline([Stage(name, work[name], processor.infer_workers if name == "infer" else 1)
                               for name in STAGES], on_done=record)
     pipeline.run(_Work(b) for b in batches)
+    if assembler is not None and assembler.pending:  # every item ran: an image left is a bug, not a result
+        raise RuntimeError(f"{len(assembler.pending)} tiled image(s) did not get all their tiles")
     return StageResult(batches.stats, fallback_decoded, processor.infer.splits - splits_before)
 
 
