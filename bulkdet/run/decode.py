@@ -18,7 +18,7 @@ from nvidia.dali import fn, pipeline_def, types
 from PIL import Image, ImageOps
 
 import bulkdet.ingest.imageinfo  # noqa: F401 - sets Pillow's own pixel limit off: --max-pixels applies
-from bulkdet.run.plan import Batch
+from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch
 
 PAD_VALUE = 114
 _DALI_DTYPES = {np.float32: types.FLOAT, np.float16: types.FLOAT16}
@@ -57,7 +57,10 @@ def _region_graph(decoder_device: str, hw_decoder_load: float | None = None):
 @pipeline_def
 def _tile_graph(device: str, out_dtype):
     """Tiles, step 2: each tile cut from its image's decoded window, then letterboxed as an image."""
-    regions = fn.external_source(name="regions", dtype=types.UINT8, ndim=3, layout="HWC", device=device)
+    # no_copy: a kept image is fed to every batch of its tiles; DALI reads it in place (the
+    # decoder holds it until the run returns).
+    regions = fn.external_source(name="regions", dtype=types.UINT8, ndim=3, layout="HWC", device=device,
+                                 no_copy=True)
     start = fn.external_source(name="start", dtype=types.INT32, ndim=1)  # x0, y0 in the region
     shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)  # w, h
     return _letterbox(fn.slice(regions, start, shape, axis_names="WH"), out_dtype)
@@ -97,8 +100,10 @@ class Decoder:
     """Decodes whole batches; when DALI rejects a batch, isolates the bad images."""
 
     def __init__(self, device: str = "cpu", max_batch: int = 32, num_threads: int | None = None,
-                 out_dtype=np.float32, device_id: int = 0, hw_decoder_load: float | None = None):
+                 out_dtype=np.float32, device_id: int = 0, hw_decoder_load: float | None = None,
+                 decode_budget: int = DEFAULT_DECODE_BUDGET):
         self.device = device
+        self.decode_budget = decode_budget  # tiles: an image up to this many pixels is decoded whole, once
         self.hw_decoder_load = hw_decoder_load
         self.max_batch = max_batch
         self.num_threads = num_threads or max(1, os.cpu_count() or 1)
@@ -203,8 +208,14 @@ def _feed_letterbox(pipe, batch: Batch, idx: list[int]) -> None:
 
 
 class TileDecoder:
-    """Batches of tile items (run/tiles.py): each image of the batch decoded once, by region (the
-    window bounding its items in this batch), and its items cut from that and letterboxed.
+    """Batches of tile items (run/tiles.py): each image decoded once, its items cut from it and
+    letterboxed.
+
+    An image's items follow each other in run order but may span batches. On CPU an image of
+    at most the decode budget's pixels is decoded whole and kept until its items are done (one
+    image kept: at most the decode budget's pixels besides the batch's); a larger one, and every
+    image on GPU (whose batches hold many tiles), is decoded per batch by region, the window
+    bounding its items in the batch (DALI's ROI decoding: the rest of a JPEG is skipped).
 
     Fault isolation as for whole images: what DALI's parser rejects, or a region DALI fails to
     decode, goes to the Pillow fallback (whole image decoded once, its items cut from it); what
@@ -214,6 +225,7 @@ class TileDecoder:
     def __init__(self, owner: Decoder):
         self.owner = owner
         self.regions_pipe = self.tiles_pipe = None
+        self.kept: tuple[int, tuple, np.ndarray] | None = None  # (image id, window, pixels) of the last image
 
     def _build(self) -> None:
         o = self.owner
@@ -230,17 +242,28 @@ class TileDecoder:
         if self.regions_pipe is None:
             self._build()
         t = batch.tiles
-        images = t.regions(batch.image_ids, batch.width, batch.height)  # (first item, items, window)
         errors: dict[int, str] = {}
         regions: dict[int, object] = {}  # first item -> its decoded window (HWC uint8)
-        good = []
-        for first, items, window in images:
+        images, good = [], []
+        for first, items, window in t.regions(batch.image_ids, batch.width, batch.height):
+            image_id = int(batch.image_ids[first])
+            if self.kept and self.kept[0] == image_id and _inside(window, self.kept[1]):
+                images.append((first, items, self.kept[1]))
+                regions[first] = self.kept[2]
+                continue
+            whole = (0, 0, int(t.image_width[first]), int(t.image_height[first]))
+            if self.owner.device == "cpu" and whole[2] * whole[3] <= self.owner.decode_budget:
+                window = whole
+            images.append((first, items, window))
             msg = _parse_error(encoded[first])
             if msg is None:
                 good.append((first, items, window))
             else:
                 errors[first] = msg
         self._decode_regions(encoded, good, regions, errors)
+        if self.owner.device == "cpu" and images and images[-1][0] in regions:  # the image the next batch may continue
+            first, _, window = images[-1]
+            self.kept = (int(batch.image_ids[first]), window, regions[first])
         fallback = []
         by_first = {first: (items, window) for first, items, window in images}
         for first in sorted(errors):  # what DALI rejects gets a second chance on the CPU decoder
@@ -260,15 +283,13 @@ class TileDecoder:
         if not idx:
             tensor = np.full((len(batch), 3, h, w), PAD_VALUE / 255.0, dtype=owner.out_dtype)
             return DecodedBatch(batch, tensor, item_errors, fallback)
-        src, start = [], []
-        for first, items, window in images:
-            if first in regions:
-                for i in items:
-                    src.append(regions[first])
-                    start.append(np.array([t.x[i] - window[0], t.y[i] - window[1]], np.int32))
+        if fallback and owner.device == "gpu":  # one feed is all on the device or all on the host
+            regions = {k: v if isinstance(v, np.ndarray) else _to_host(v) for k, v in regions.items()}
+        image_of = {i: (first, window) for first, items, window in images for i in items}
         p = self.tiles_pipe
-        p.feed_input("regions", src, layout="HWC")
-        p.feed_input("start", start)
+        p.feed_input("regions", [regions[image_of[i][0]] for i in idx], layout="HWC")
+        p.feed_input("start", [np.array([t.x[i] - image_of[i][1][0], t.y[i] - image_of[i][1][1]], np.int32)
+                               for i in idx])
         p.feed_input("shape", [np.array([batch.width[i], batch.height[i]], np.int32) for i in idx])
         _feed_letterbox(p, batch, idx)
         (out,) = p.run()
@@ -299,6 +320,10 @@ class TileDecoder:
         for k, (first, _, _) in enumerate(images):
             # GPU: the window stays on the device; CPU: a host array (copied: DALI reuses its buffers).
             regions[first] = out[k] if self.owner.device == "gpu" else np.array(out[k])
+
+
+def _inside(window, outer) -> bool:
+    return outer[0] <= window[0] and outer[1] <= window[1] and window[2] <= outer[2] and window[3] <= outer[3]
 
 
 def _parse_error(data: bytes) -> str | None:

@@ -258,7 +258,8 @@ class ShardProcessor:
         self.engine = create_engine(backend, model.path, device=device, threads=infer_threads,
                                     shapes=self.shapes, cache_dir=cfg.cache_dir, ring_slots=ring_slots)
         self.decoder = Decoder(device, self.max_batch, dali_threads, out_dtype=self.engine.input_dtype,
-                               hw_decoder_load=cfg.hw_decoder_load)
+                               hw_decoder_load=cfg.hw_decoder_load,
+                               decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
         self.reader = ShardReader(Path(cfg.dataset) / "shards")
         self.infer = HalvingInfer(self.engine.infer)  # halves a batch that runs out of memory
 
