@@ -238,6 +238,19 @@ class TileDecoder:
         self.regions_pipe.build()
         self.tiles_pipe.build()
 
+    def _window(self, tiles: tuple, width: int, height: int) -> tuple:
+        """What to decode of an image for the tiles of a batch (`tiles`: the box around them).
+        CPU, kept for the next batches: the whole image, else the band of its tile rows across
+        the image's width (each band decoded once), when within the decode budget."""
+        if self.owner.device != "cpu":
+            return tiles
+        budget = self.owner.decode_budget
+        if width * height <= budget:
+            return (0, 0, width, height)
+        if width * (tiles[3] - tiles[1]) <= budget:
+            return (0, tiles[1], width, tiles[3])
+        return tiles
+
     def decode(self, batch: Batch, encoded: list[bytes]) -> DecodedBatch:
         if self.regions_pipe is None:
             self._build()
@@ -251,9 +264,7 @@ class TileDecoder:
                 images.append((first, items, self.kept[1]))
                 regions[first] = self.kept[2]
                 continue
-            whole = (0, 0, int(t.image_width[first]), int(t.image_height[first]))
-            if self.owner.device == "cpu" and whole[2] * whole[3] <= self.owner.decode_budget:
-                window = whole
+            window = self._window(window, int(t.image_width[first]), int(t.image_height[first]))
             images.append((first, items, window))
             msg = _parse_error(encoded[first])
             if msg is None:

@@ -277,9 +277,10 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
     """
     cfg, model, device, input_hw = processor.cfg, processor.model, processor.device, processor.input_hw
     engine, decoder, reader = processor.engine, processor.decoder, processor.reader
-    tiles = cfg.tiles.on
-    assembler = ImageAssembler(cfg.tiles, cfg.max_det) if tiles else None
-    batches = plan(expand_tiles(rows, cfg.tiles) if tiles else rows, cfg.imgsz, processor.max_batch, stride=model.stride, fixed_hw=model.fixed_shape,
+    # --tile: the planned items are tiles (run/tiles.py), and the writer gets complete images only.
+    assembler = ImageAssembler(cfg.tiles, cfg.max_det) if cfg.tiles.on else None
+    items = expand_tiles(rows, cfg.tiles) if cfg.tiles.on else rows
+    batches = plan(items, cfg.imgsz, processor.max_batch, stride=model.stride, fixed_hw=model.fixed_shape,
                    pixel_budget=cfg.pixel_budget or default_pixel_budget(device, input_hw[0], processor.max_batch),
                    decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
     fallback_decoded = 0
@@ -288,8 +289,11 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
              engine.provider, ",".join(batches.stats["images_per_bucket"]) or "-", len(batches), processor.threads)
 
     def read(work: _Work):
-        work.encoded = reader.get_many(work.batch.shard, work.batch.keys)
-        work.encoded_bytes = sum(len(data) for data in work.encoded if data is not None)
+        # Each key read once: the tiles of an image share its bytes (one copy, not one a tile).
+        keys = list(dict.fromkeys(work.batch.keys))
+        data = dict(zip(keys, reader.get_many(work.batch.shard, keys)))
+        work.encoded = [data[k] for k in work.batch.keys]
+        work.encoded_bytes = sum(len(d) for d in data.values() if d is not None)
 
     def decode(work: _Work):
         nonlocal fallback_decoded
