@@ -124,8 +124,10 @@ def timeline(metrics: pa.Table) -> dict[str, np.ndarray]:
     t = {name: _col(metrics, name) for name in ("batch_size", "original_pixels", "encoded_bytes",
                                                 "input_pixels", "padding_pixels", "input_h", "input_w")}
     # Images and tiles per batch (metrics of runs before --tile: images = batch items, no tiles).
-    t["images"] = _col(metrics, "images_written") if "images_written" in metrics.column_names else t["batch_size"]
-    t["tiles"] = _col(metrics, "tiles") if "tiles" in metrics.column_names else np.zeros(len(metrics), np.int64)
+    names = metrics.column_names
+    t["images"] = (pc.coalesce(metrics.column("images_written"), metrics.column("batch_size")).to_numpy()
+                   if "images_written" in names else t["batch_size"])
+    t["tiles"] = pc.fill_null(metrics.column("tiles"), 0).to_numpy() if "tiles" in names else np.zeros(len(metrics), int)
     t["run_id"] = run_ids
     for stage in stages:
         t[f"{stage}_start"] = _col(metrics, f"{stage}_start") + offset
