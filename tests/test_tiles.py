@@ -158,13 +158,19 @@ def test_tiles_of_several_images_share_batches_and_the_report_counts_them(tiled_
     assert r.exit_code == 0 and "tiles/s" in r.output
 
 
-def test_tile_options_are_checked_and_part_of_the_run_identity(big_dataset, tiled_run, analytic_model, cli):
-    dataset, _ = big_dataset
-    for bad in (("--tile", 16), ("--tile", 640, "--tile-overlap", 0.95), ("--tile", 640, "--tile-merge", "wbf"),
+def test_tile_options_are_checked_when_parsed(analytic_model, cli, tmp_path):
+    (tmp_path / "ds").mkdir()
+    for bad in (("--tile", 16), ("--tile", -1), ("--tile", 640, "--tile-overlap", 0.95),
+                ("--tile", 640, "--tile-merge", "wbf"), ("--tile", 640, "--tile-match", "giou"),
                 ("--tile", 640, "--tile-match-threshold", 1.5)):
-        r = cli("run", dataset, "--model", analytic_model, "--out", tiled_run.parent / "never", *bad, "-q")
-        assert r.exit_code == 2, (bad, r.output)
-        assert not (tiled_run.parent / "never").exists()
+        r = cli("run", tmp_path / "ds", "--model", analytic_model, "--out", tmp_path / "never", *bad, "-q")
+        assert r.exit_code == 2 and "--tile" in r.output, (bad, r.output)
+        assert "Traceback" not in r.output and not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_tile_settings_are_part_of_the_run_identity(big_dataset, tiled_run, analytic_model, cli):
+    dataset, _ = big_dataset
     # The same folder with other tile settings (or none) is refused, its results untouched.
     before = read_detections(tiled_run).to_pylist()
     for other in (("--tile", 800), ("--tile", 640, "--tile-match", "iou"), ()):

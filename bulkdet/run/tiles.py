@@ -127,7 +127,8 @@ class TileInfo:
         col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
         return cls(col("tile_x"), col("tile_y"), col("image_width"), col("image_height"), col("tile"), col("items"))
 
-    def regions(self, image_ids: np.ndarray, width: np.ndarray, height: np.ndarray) -> list[tuple[int, list[int], tuple]]:
+    def regions(self, image_ids: np.ndarray, width: np.ndarray,
+                height: np.ndarray) -> list[tuple[int, list[int], tuple]]:
         """Per image of the batch: (first item, its items, the bounding window x0, y0, x1, y1 of
         those items). The decoder decodes that window once and cuts the items from it."""
         groups: dict[int, list[int]] = {}
