@@ -108,41 +108,6 @@ def _add_columns(table: pa.Table, win, is_tile, items, image_w, image_h) -> pa.T
             .append_column("items", pa.array(items, pa.int32())))
 
 
-@dataclass(frozen=True)
-class TileInfo:
-    """The items of a batch (arrays [B]): window origin, the whole image's size, tile or not,
-    items of the image. A Batch of items has width/height = the window's size."""
-
-    x: np.ndarray
-    y: np.ndarray
-    image_width: np.ndarray
-    image_height: np.ndarray
-    tile: np.ndarray
-    items: np.ndarray
-
-    @classmethod
-    def of(cls, table: pa.Table) -> "TileInfo | None":
-        if "tile_x" not in table.column_names:
-            return None
-        col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
-        return cls(col("tile_x"), col("tile_y"), col("image_width"), col("image_height"), col("tile"), col("items"))
-
-    def regions(self, image_ids: np.ndarray, width: np.ndarray,
-                height: np.ndarray) -> list[tuple[int, list[int], tuple]]:
-        """Per image of the batch: (first item, its items, the bounding window x0, y0, x1, y1 of
-        those items). The decoder decodes that window once and cuts the items from it."""
-        groups: dict[int, list[int]] = {}
-        for i, image_id in enumerate(image_ids.tolist()):
-            groups.setdefault(image_id, []).append(i)
-        out = []
-        for idx in groups.values():
-            x0, y0 = int(self.x[idx].min()), int(self.y[idx].min())
-            x1 = int((self.x[idx] + width[idx]).max())
-            y1 = int((self.y[idx] + height[idx]).max())
-            out.append((idx[0], idx, (x0, y0, x1, y1)))
-        return out
-
-
 # ------------------------------------------------------------------------------------ merging
 
 def overlap_matrix(a: np.ndarray, b: np.ndarray, match: str) -> np.ndarray:
