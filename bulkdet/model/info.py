@@ -52,10 +52,55 @@ class ModelInfo:
     # Every declared output: (name, dims), None for a dynamic dimension (model/layouts.py reads them).
     outputs: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
     layout_hint: str | None = None  # the layout the metadata names (Ultralytics' RT-DETR: detr)
+    extra_inputs: tuple["ExtraInput", ...] = ()  # inputs besides the image, fed per batch (see EXTRA_INPUTS)
 
     @property
     def fixed_shape(self) -> tuple[int, int] | None:
         return (self.height, self.width) if self.height and self.width else None
+
+
+@dataclass(frozen=True)
+class ExtraInput:
+    """An input besides the image that bulkdet knows how to feed (e.g. RT-DETR's orig_target_sizes)."""
+
+    name: str
+    dtype: type  # numpy dtype the model declares
+    shape: tuple[int | None, ...]
+
+
+# What the extra inputs of common exports mean, as a function of the batch's input (H, W). bulkdet
+# letterboxes and un-letterboxes itself, so each is given the model input's own size: boxes come
+# out in input pixels and the letterbox inverse maps them back (docs/models.md).
+EXTRA_INPUTS = {
+    "orig_target_sizes": lambda h, w: (w, h),  # RT-DETR / D-FINE: boxes scaled by (W, H)
+    "im_shape": lambda h, w: (h, w),  # PaddleDetection: the resized image's (H, W)
+    "scale_factor": lambda h, w: (1.0, 1.0),  # PaddleDetection: (scale_y, scale_x); no resize to undo
+}
+
+
+def extra_input_values(extras, batch: int, height: int, width: int) -> dict[str, np.ndarray]:
+    """The value of each extra input for a batch of `batch` images of input size height x width."""
+    return {e.name: np.tile(np.asarray(EXTRA_INPUTS[e.name](height, width), e.dtype), (batch, 1))
+            for e in extras}
+
+
+def _extra_input(path: Path, value) -> ExtraInput:
+    """An extra (non-image) input bulkdet can feed; ValueError naming it (and what it feeds) if not."""
+    tensor = value.type.tensor_type
+    dims = tuple(_dim(d) for d in tensor.shape.dim)
+    known = ", ".join(f"{name} [B, 2]" for name in EXTRA_INPUTS)
+    if value.name not in EXTRA_INPUTS or len(dims) != 2 or dims[1] not in (None, 2):
+        raise ValueError(f"{path}: its input {value.name} {_shape_text(dims)} is not one bulkdet knows how to "
+                         f"feed (it feeds the image [B, 3, H, W] and {known}): export the model without it")
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).type
+    except (KeyError, ValueError):
+        dtype = np.float32
+    return ExtraInput(value.name, dtype, dims)
+
+
+def _shape_text(dims) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _dim(d) -> int | None:
@@ -157,9 +202,14 @@ def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
     meta = model_metadata(model)
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise ValueError(f"{path}: expected one image input, found {[i.name for i in inputs]}")
-    tensor = inputs[0].type.tensor_type
+    images = [i for i in inputs if len(i.type.tensor_type.shape.dim) == 4] or inputs[:1]
+    if not images:
+        raise ValueError(f"{path}: the model has no input; expected an image input [B, 3, H, W]")
+    if len(images) > 1:
+        raise ValueError(f"{path}: expected one image input [B, 3, H, W], found {[i.name for i in images]}")
+    image = images[0]
+    extra_inputs = tuple(_extra_input(path, i) for i in inputs if i is not image)
+    tensor = image.type.tensor_type
     dims = [_dim(d) for d in tensor.shape.dim]
     if len(dims) != 4 or (dims[1] is not None and dims[1] != 3):
         raise ValueError(f"{path}: input must be [B,3,H,W], got {dims}")
@@ -176,10 +226,10 @@ def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
             raise ValueError(f"{path}: class names in its metadata: {exc}; give them with --names") from None
     check_names_fit(names, outputs, end2end, source)
     return ModelInfo(
-        path=path, sha256=file_sha256(path), input_name=inputs[0].name,
+        path=path, sha256=file_sha256(path), input_name=image.name,
         input_dtype=_ONNX_DTYPES[tensor.elem_type], batch=dims[0], height=dims[2], width=dims[3],
         names=names, stride=_stride(meta.get("stride"), path),
-        end2end=end2end, outputs=outputs, layout_hint=layout_hint(meta),
+        end2end=end2end, outputs=outputs, layout_hint=layout_hint(meta), extra_inputs=extra_inputs,
     )
 
 
