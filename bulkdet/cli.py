@@ -274,6 +274,7 @@ def pack_summary_line(s, out: Path, reference: bool = False) -> str:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     dataset_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Dataset made by `bulkdet pack`."),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="Detector (.onnx)."),
     out: Path = typer.Option(..., "--out", help="Run folder (created; an existing one is resumed)."),
@@ -319,6 +320,7 @@ def run(
                                             "tell it (see docs/models.md; default: told by the outputs)."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
+    from bulkdet.run.model_errors import ModelRunError
     from bulkdet.run.runner import RunConfig, run as do_run
     from bulkdet.store.lock import FolderInUse
     from bulkdet.store.run_folder import RunFolderRefused
@@ -350,6 +352,8 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE)
     except (OSError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, ModelRunError) and ctx.find_root().params.get("debug"):
+            raise  # --debug: where the engine failed, with the traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
     typer.echo(f"{s.images} images ({s.processed} processed now), {s.detections} detections, "

@@ -34,6 +34,7 @@ from bulkdet.model.precision import DEFAULT_CALIB_IMAGES, ModelFile, model_for_r
 from bulkdet.run.calibration import decoded_batches
 from bulkdet.run.decode import Decoder
 from bulkdet.run.metrics import STAGES, BatchTimes, MetricsRecorder
+from bulkdet.run.model_errors import model_load_error, model_run_error
 from bulkdet.run.oom import HalvingInfer
 from bulkdet.run.pipeline import QUEUE_SIZE, Stage, StagePipeline
 from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, input_shapes, plan
@@ -274,8 +275,13 @@ class ShardProcessor:
         # GPU input buffers in use at once: the decoder's, those queued for inference, the workers'.
         ring_slots = 1 + QUEUE_SIZE + self.infer_workers
         # model.path: the prepared file (fp16/int8/NMS) when --precision or --nms-in-model made one.
-        self.engine = create_engine(backend, model.path, device=device, threads=infer_threads,
-                                    shapes=self.shapes, cache_dir=cfg.cache_dir, ring_slots=ring_slots)
+        try:
+            self.engine = create_engine(backend, model.path, device=device, threads=infer_threads,
+                                        shapes=self.shapes, cache_dir=cfg.cache_dir, ring_slots=ring_slots)
+        except (ValueError, RuntimeError):
+            raise  # bulkdet's own, already saying what to do
+        except Exception as exc:  # the engine's (e.g. ONNX Runtime's NotImplemented for an op it lacks)
+            raise model_load_error(cfg.model, backend, exc, cfg.precision) from exc
         self.decoder = Decoder(device, self.max_batch, dali_threads, out_dtype=self.engine.input_dtype,
                                hw_decoder_load=cfg.hw_decoder_load)
         self.reader = open_dataset_reader(cfg.dataset)  # its shards, or the source (packed by reference)
@@ -333,6 +339,9 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
     def infer(work: _Work):
         try:
             work.outputs = processor.infer(work.decoded.tensor)
+        except Exception as exc:  # the model failed in the engine: one line (model, batch shape, cause)
+            shape = (len(work.batch), 3, *work.batch.input_hw)
+            raise model_run_error(cfg.model, shape, exc, cfg.precision) from exc
         finally:
             engine.release(work.decoded.tensor)  # GPU: the input buffer goes back to the ring
             work.decoded.tensor = None
