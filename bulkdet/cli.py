@@ -146,11 +146,12 @@ def _fileno(stream) -> int | None:
 
 
 def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint: str = "'--model'",
-                 layout: str | None = None) -> None:
-    """The model (and --names) read before anything is written: a file that is no ONNX detector,
-    or names that do not fit its output, is a bad option value (exit 2), not a failed run.
+                 layout: str | None = None, classes_kept: list[str] | None = None) -> None:
+    """The model (and --names, --classes) read before anything is written: a file that is no ONNX
+    detector, or names that do not fit its output, is a bad option value (exit 2), not a failed run.
     `imgsz`: warn once when it is rounded up to the model's stride (None: not used)."""
-    from bulkdet.model.info import check_names_fit, is_engine_file, load_model_info, model_input_hw, read_names_file
+    from bulkdet.model.info import (UnknownClass, check_names_fit, class_ids, is_engine_file, load_model_info,
+                                    model_input_hw, read_names_file)
 
     if is_engine_file(model):
         return  # read by TensorRT when the run starts (on the GPU)
@@ -165,6 +166,10 @@ def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint:
             check_names_fit(classes, info.outputs, info.end2end, f"class names file {names}")
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--names'") from None
+    try:
+        class_ids(classes_kept, classes)
+    except UnknownClass as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--classes'") from None
     from bulkdet.model.layouts import LayoutError, detect
 
     nc = len(classes)
@@ -318,6 +323,8 @@ def run(
                                       "detections leave the engine."),
     layout: Optional[Layout] = typer.Option(None, help="The model's output layout, when its outputs do not "
                                             "tell it (see docs/models.md; default: told by the outputs)."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", help="Keep only these classes (names or ids "
+                                                "of the model's; repeat or comma-separate, e.g. person,car)."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.run.model_errors import ModelRunError
@@ -325,12 +332,13 @@ def run(
     from bulkdet.store.lock import FolderInUse
     from bulkdet.store.run_folder import RunFolderRefused
     from bulkdet.model.layouts import LayoutError
+    from bulkdet.model.info import UnknownClass
 
     if not use_ray and (ray_address or workers):
         raise typer.BadParameter("needs --ray", param_hint="'--ray-address' / '--workers'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
-    _check_model(model, names, imgsz, layout=layout.value if layout else None)
+    _check_model(model, names, imgsz, layout=layout.value if layout else None, classes_kept=classes)
     cfg = RunConfig(dataset_dir, model, out, device=device.value, backend=backend.value, imgsz=imgsz,
                     max_batch=max_batch, conf=conf, iou=iou, max_det=max_det, names=names,
                     precision=precision.value, overwrite=overwrite,
@@ -339,7 +347,7 @@ def run(
                     precision_check_images=check_precision, calib_images=calib_images, cache_dir=cache_dir,
                     hw_decoder_load=hw_decoder_load, nms_in_model=nms_in_model,
                     pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers,
-                    layout=layout.value if layout else None)
+                    layout=layout.value if layout else None, classes=classes or None)
     try:
         with _quiet_native_output(quiet):
             if use_ray:
@@ -348,7 +356,8 @@ def run(
                 s = run_on_ray(cfg, ray_address, workers)
             else:
                 s = do_run(cfg)
-    except (RunFolderRefused, FolderInUse, LayoutError) as exc:  # a conflict with --out, or a model no layout fits
+    except (RunFolderRefused, FolderInUse, LayoutError, UnknownClass) as exc:  # a conflict with --out, a model no
+        # layout fits, a --classes a TensorRT engine's names lack
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE)
     except (OSError, ValueError, RuntimeError) as exc:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import yaml
 from google.protobuf.message import DecodeError
 
-from bulkdet.model.layouts import LayoutError, describe, detect
+from bulkdet.model.layouts import LayoutError, class_count, describe, detect
 
 DEFAULT_STRIDE = 32  # pixels per output cell, when the model's metadata does not say
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
@@ -108,22 +109,59 @@ def _dim(d) -> int | None:
 
 
 def parse_names(text: str) -> dict[int, str]:
-    """Class names as exporters write them: "{0: 'person', ...}", a JSON list/dict, or lines.
+    """Class names as exporters write them: "{0: 'person', ...}" (Ultralytics' metadata), a JSON
+    list/dict, YAML (an Ultralytics data.yaml's `names`, a PaddleDetection infer_cfg.yml's
+    `label_list`, "0: person" lines, "- person" lines), or plain lines.
 
     ValueError when a dict's keys are not the class ids 0..N-1."""
     text = text.strip()
     if not text:
         return {}
-    for parse in (ast.literal_eval, json.loads):
+    for parse in (ast.literal_eval, json.loads, _yaml):
         try:
             value = parse(text)
-        except (ValueError, SyntaxError, RecursionError):
+        except (ValueError, SyntaxError, RecursionError, yaml.YAMLError):
             continue
+        if isinstance(value, dict) and not all(isinstance(k, int) for k in value):
+            value = next((value[k] for k in NAMES_KEYS if isinstance(value.get(k), (dict, list))), value)
         if isinstance(value, dict):
             return _names_by_id(value)
         if isinstance(value, (list, tuple)):
             return dict(enumerate(map(str, value)))
     return dict(enumerate(line.strip() for line in text.splitlines() if line.strip()))
+
+
+NAMES_KEYS = ("names", "label_list")  # where a YAML file keeps the class names (Ultralytics, PaddleDetection)
+
+
+def _yaml(text: str):
+    """YAML that holds names: a mapping or a list (a plain lines file reads as one string: not taken)."""
+    value = yaml.safe_load(text)
+    if not isinstance(value, (dict, list)):
+        raise ValueError("no names in YAML form")
+    return value
+
+
+class UnknownClass(ValueError):
+    """`--classes` names a class the model does not have: a usage error (exit 2)."""
+
+
+def class_ids(classes: list[str] | None, names: dict[int, str], whose: str = "the model's") -> list[int] | None:
+    """Class ids for the names or ids a user gives ("0,2", "person,car"; None or empty: all classes).
+    UnknownClass naming the known ones for a name or id not among `names`."""
+    if not classes:
+        return None
+    by_name = {v: k for k, v in names.items()}
+    ids = []
+    for c in (c.strip() for item in classes for c in str(item).split(",")):
+        if c in by_name:
+            ids.append(by_name[c])
+        elif c.isdigit() and (int(c) in names or not names):
+            ids.append(int(c))
+        elif c:
+            known = ", ".join(f"{k}={v}" for k, v in sorted(names.items())) or "none named (give ids, or --names)"
+            raise UnknownClass(f"unknown class {c!r}; {whose} classes are: {known}")
+    return sorted(set(ids)) or None
 
 
 def _names_by_id(value: dict) -> dict[int, str]:
@@ -175,9 +213,13 @@ def check_names_fit(names: dict[int, str], outputs, end2end: bool, source: str) 
     except LayoutError:
         pass
     try:
-        detect(outputs, None, end2end)
+        layout = detect(outputs, None, end2end)
     except LayoutError:
         return  # no layout fits these outputs whatever the names: the layout's error says so
+    nc = class_count(outputs, layout)
+    if nc and len(names) < nc:  # the common mistake: a names file of another (smaller) dataset
+        raise ValueError(f"{source} gives {len(names)} class names, fewer than the model's {nc} classes: "
+                         f"give a name for every class the model has, in the order it was trained with")
     dims = outputs[0][1]
     if len(outputs) == 1 and len(dims) == 3:
         a, b = dims[1:]

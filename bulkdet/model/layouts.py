@@ -199,6 +199,19 @@ def nms4_roles(outputs: list[Output]) -> tuple[int, int, int, int] | None:
     return (num[0], boxes[0], pairs[0], pairs[1])
 
 
+def class_count(outputs: list[Output], layout: str | None) -> int | None:
+    """How many classes a model with these outputs in `layout` has (None: its shapes don't say)."""
+    shapes = [tuple(shape) for _, shape in outputs]
+    if len(shapes) == 2 and all(len(shape) == 3 for shape in shapes):  # detr / boxes-scores: the scores' last dim
+        roles = box_score_roles(outputs, None)
+        return shapes[roles[1]][2] if roles else None
+    if len(shapes) != 1 or len(shapes[0]) != 3:
+        return None  # end2end, nms4: the class ids are values, not a dimension
+    _, a, b = shapes[0]
+    dim, extra = {"yolov8": (a, 4), "yolov5": (b, 5), "detr": (b, 4)}.get(layout, (None, 0))
+    return dim - extra if dim else None
+
+
 def _fits(layout: str, outputs: list[Output], nc: int | None):
     """Do the shapes fit `layout`? True, False, or None (a dynamic dimension hides it)."""
     shapes = [shape for _, shape in outputs]

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from bulkdet import __version__
 from bulkdet.engines import create_engine, model_info
 from bulkdet.engines.base import fixed_batch
-from bulkdet.model.info import ModelInfo, model_input_hw
+from bulkdet.model.info import ModelInfo, class_ids, model_input_hw
 from bulkdet.model.layouts import LayoutError, detect, detect_batch
 from bulkdet.model.precision import DEFAULT_CALIB_IMAGES, ModelFile, model_for_run, with_nms
 from bulkdet.run.calibration import decoded_batches
@@ -80,6 +80,7 @@ class RunConfig:
     decode_budget: int | None = None  # original pixels decoded at once (None: DEFAULT_DECODE_BUDGET)
     infer_workers: int | None = None  # batches inferred at once (None: default_threads)
     layout: str | None = None  # the model's output layout (model/layouts.py); None: told by its outputs
+    classes: list[str] | None = None  # keep only these classes (names or ids; None: all)
 
 
 @dataclass
@@ -168,7 +169,8 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
     identity = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                 "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names,
                 "dataset_id": dataset_id(cfg.dataset),
-                **({"layout": cfg.layout} if cfg.layout else {})}
+                **({"layout": cfg.layout} if cfg.layout else {}),
+                **({"classes": kept} if (kept := class_ids(cfg.classes, model.names)) else {})}
     run_id = uuid.uuid4().hex[:12]
     metadata = {"bulkdet.run_id": run_id, "bulkdet.version": __version__, "model_sha256": model.sha256,
                 "conf": cfg.conf, "iou": cfg.iou, "imgsz": cfg.imgsz, "precision": cfg.precision}
@@ -290,6 +292,7 @@ class ShardProcessor:
         self.infer = HalvingInfer(fixed_batch(self.engine.infer, model.batch))
         self.output_names = [name for name, _ in model.outputs] or None
         self.layout = start_layout(cfg, model)  # None: told at the first batch
+        self.class_ids = class_ids(cfg.classes, model.names)  # --classes: only these kept (None: all)
         self._layout_lock = threading.Lock()
 
     def layout_for(self, outputs: list[np.ndarray]) -> str:
@@ -348,7 +351,7 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
 
     def post(work: _Work):
         work.detections = postprocess(work.outputs, work.batch, processor.layout_for(work.outputs), cfg.conf,
-                                      cfg.iou, cfg.max_det, processor.output_names)
+                                      cfg.iou, cfg.max_det, processor.output_names, processor.class_ids)
         work.outputs = None
 
     def write(work: _Work):
