@@ -41,13 +41,26 @@ class Candidates:
 
     boxes [B, N, 4] x1, y1, x2, y2 in input pixels; scores [B, N]; class_ids [B, N];
     `valid`: per image, how many leading rows count (nms4's num_dets), None: all.
+    `per_box` > 1: every (box, class) pair is a candidate (multi-label, as D-FINE's top-k and
+    YOLO-NAS / PP-YOLOE's multiclass NMS): scores [B, N * nc], candidate k is box k // nc of class
+    k % nc, class_ids None (never a [B, N * nc] copy of the boxes).
     """
 
     boxes: np.ndarray
     scores: np.ndarray
-    class_ids: np.ndarray
+    class_ids: np.ndarray | None
     valid: np.ndarray | None
     needs_nms: bool
+    per_box: int = 1
+
+    def classes_of(self, i: int, keep: np.ndarray) -> np.ndarray:
+        """The class ids of image i's candidates `keep` (indices into scores[i])."""
+        return self.class_ids[i][keep] if self.per_box == 1 else keep % self.per_box
+
+    def take(self, i: int, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes, scores and class ids of image i's candidates `keep`."""
+        boxes = self.boxes[i][keep if self.per_box == 1 else keep // self.per_box]
+        return boxes, self.scores[i][keep], self.classes_of(i, keep)
 
 
 def describe(outputs: list[Output]) -> str:
@@ -250,16 +263,15 @@ def decode(layout: str, outputs: list[np.ndarray], input_hw: tuple[int, int],
         if not roles:
             raise LayoutError(f"the model's outputs {describe(specs)} do not fit layout {layout}")
         boxes, scores = _f32(outputs[roles[0]]), _f32(outputs[roles[1]])
-        if layout == "boxes-scores":
-            return _best_class(boxes, scores, True)
+        b, n, nc = scores.shape
+        if layout == "boxes-scores":  # every (box, class) pair above --conf, NMS per class (multiclass NMS)
+            return Candidates(boxes, scores.reshape(b, n * nc), None, None, True, per_box=nc)
         if layout != "detr":
             raise LayoutError(f"layout {layout} has one output, the model has {describe(specs)}")
         if scores.size and (scores.min() < 0 or scores.max() > 1):  # logits
             scores = 1 / (1 + np.exp(-scores))
         # Every (query, class) pair is a candidate (D-FINE, RF-DETR): the top ones are kept downstream.
-        b, q, nc = scores.shape
-        xyxy = np.repeat(_xyxy(boxes * _scale(input_hw)), nc, axis=1)
-        return Candidates(xyxy, scores.reshape(b, q * nc), np.tile(np.arange(nc), (b, q)), None, False)
+        return Candidates(_xyxy(boxes * _scale(input_hw)), scores.reshape(b, n * nc), None, None, False, per_box=nc)
     if len(outputs) != 1:
         raise LayoutError(f"layout {layout} has one output, the model has {describe(specs)}")
     output = _f32(outputs[0])
