@@ -28,10 +28,10 @@ def with_inputs(src, dst, kind):
     nodes = _common() + [
         # normalised x1, y1, x2, y2: the xyxy boxes over the input's W, H, W, H
         n("Div", ["rl_xyxy", "rl_whwh"], ["ex_norm"]),
-        n("Identity", ["rl_cls"], ["scores"]),
+        *([] if kind == "rtdetr" else [n("Identity", ["rl_cls"], ["scores"])]),
         _const("ex_ax1", [1]),
     ]
-    if kind == "orig_target_sizes":  # RT-DETR / D-FINE: boxes * (W, H, W, H)
+    if kind in ("orig_target_sizes", "rtdetr"):  # RT-DETR / D-FINE: boxes * (W, H, W, H)
         inputs = [helper.make_tensor_value_info("orig_target_sizes", I64, ["batch", 2])]
         nodes += [n("Cast", ["orig_target_sizes"], ["ex_wh"], to=F),
                   n("Concat", ["ex_wh", "ex_wh"], ["ex_whwh"], axis=1),
@@ -52,11 +52,17 @@ def with_inputs(src, dst, kind):
         nodes += [n("ReduceSum", [kind], ["ex_sum"], keepdims=1),
                   n("Unsqueeze", ["ex_sum", "ex_ax1"], ["ex_add"]),
                   n("Add", ["rl_xyxy", "ex_add"], ["boxes"])]
+    outputs = [helper.make_tensor_value_info("boxes", F, ["batch", 3, 4]),
+               helper.make_tensor_value_info("scores", F, ["batch", 3, 3])]
+    if kind == "rtdetr":  # with its post-processor: labels [B, K] int64, boxes [B, K, 4], scores [B, K]
+        nodes += [_const("ex_ax2", [2]), n("Squeeze", ["rl_argmax", "ex_ax2"], ["labels"]),
+                  n("Squeeze", ["rl_best", "ex_ax2"], ["scores"])]
+        outputs = [helper.make_tensor_value_info("labels", I64, ["batch", 3]), outputs[0],
+                   helper.make_tensor_value_info("scores", F, ["batch", 3])]
     g.node.extend(nodes)
     g.input.extend(inputs)
     del g.output[:]
-    g.output.extend([helper.make_tensor_value_info("boxes", F, ["batch", 3, 4]),
-                     helper.make_tensor_value_info("scores", F, ["batch", 3, 3])])
+    g.output.extend(outputs)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
     return dst
@@ -72,18 +78,19 @@ def packed(tmp_path_factory):
     return root / "ds", truth
 
 
-@pytest.mark.parametrize("kind", ["orig_target_sizes", "paddle"])
-def test_known_extra_inputs_are_fed_what_they_mean(tmp_path, analytic_model, cli, packed, kind):
+@pytest.mark.parametrize("kind,layout", [("orig_target_sizes", "boxes-scores"), ("paddle", "boxes-scores"),
+                                         ("rtdetr", "nms4")])
+def test_known_extra_inputs_are_fed_what_they_mean(tmp_path, analytic_model, cli, packed, kind, layout):
     model = with_inputs(analytic_model, tmp_path / f"{kind}.onnx", kind)
     info = load_model_info(model)
     assert info.input_name == "images" and [e.name for e in info.extra_inputs] == (
-        ["orig_target_sizes"] if kind == "orig_target_sizes" else ["im_shape", "scale_factor"])
+        ["im_shape", "scale_factor"] if kind == "paddle" else ["orig_target_sizes"])
     dataset, truth = packed
     r = cli("run", dataset, "--model", model, "--out", tmp_path / "run", "-q")
     assert r.exit_code == 0, r.output
     rows = pq.read_table(tmp_path / "run" / "detections").to_pylist()
     assert len(rows) > 0 and compare_with_truth(truth, rows) == []
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["model"]["layout"] == "boxes-scores"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["model"]["layout"] == layout
 
 
 def test_extra_input_values_follow_the_batch_input():

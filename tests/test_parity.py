@@ -214,3 +214,20 @@ def test_unletterbox_matches_ultralytics_scale_boxes_within_a_pixel(w, h):
     assert len(det) == 50
     err = np.abs(det.boxes[order] - ref[ref_order]).max()
     assert err <= max(w / lb.new_w[0], h / lb.new_h[0]), err  # under one input pixel, in original pixels
+
+
+def test_rtdetr_with_its_postprocessor_is_nms4_without_a_count():
+    """RT-DETR / D-FINE exported with their post-processor (orig_target_sizes input): labels, boxes,
+    scores, every row counts; bulkdet keeps those above --conf as the deployment scripts do."""
+    from bulkdet.model.layouts import LayoutError, detect
+
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 80, (1, 300)).astype(np.int64)
+    boxes = ref_xyxy(random_xywh(rng, 300))[None].astype(np.float32)
+    scores = rng.uniform(0, 1, (1, 300)).astype(np.float32)
+    names = ["labels", "boxes", "scores"]
+    assert detect([(n, o.shape) for n, o in zip(names, (labels, boxes, scores))], 80) == "nms4"
+    with pytest.raises(LayoutError):  # three outputs are told by their names only
+        detect([("a", (1, 300)), ("b", (1, 300, 4)), ("c", (1, 300))], 80)
+    keep = scores[0] > CONF
+    same(bulkdet_rows([labels, boxes, scores], "nms4", names), rows(boxes[0][keep], scores[0][keep], labels[0][keep]))

@@ -11,7 +11,8 @@ One home for every layout (docs/models.md):
 - `boxes-scores` two outputs: boxes [B, N, 4] x1, y1, x2, y2 in input pixels and scores [B, N, nc]
             in either order (DAMO-YOLO, YOLO-NAS, PP-YOLOE without NMS)
 - `nms4`    four outputs: num_dets [B, 1], boxes [B, K, 4] x1, y1, x2, y2, scores [B, K], classes [B, K]
-            (EfficientNMS-style end-to-end exports)
+            (EfficientNMS-style end-to-end exports), or the three last (labels, boxes, scores: RT-DETR
+            and D-FINE exported with their post-processor and its orig_target_sizes input)
 
 `detect` tells the layout from the outputs' names and shapes (None where a dimension is dynamic);
 `decode` turns one batch of outputs into `Candidates` in input pixels, for run/postprocess.py.
@@ -90,7 +91,7 @@ def detect(outputs: list[Output], nc: int | None, end2end: bool = False, overrid
         layout = _one_output(outputs[0][1], nc, end2end)
     elif n == 2 and all(len(shape) == 3 for _, shape in outputs):
         layout = _two_outputs(outputs, nc, values)
-    elif n == 4:
+    elif n in (3, 4):
         layout = "nms4" if _fits("nms4", outputs, nc) is not False else False
     else:
         layout = False
@@ -120,7 +121,8 @@ def nothing_fits(outputs: list[Output], nc: int | None) -> str:
 _EXPECTED = {
     "yolov8": "[B, 4+nc, N]", "yolov5": "[B, N, 5+nc]", "end2end": "[B, K, 6]",
     "detr": "[B, Q, 4+nc] or [B, Q, 4] + [B, Q, nc]",
-    "boxes-scores": "[B, N, 4] + [B, N, nc]", "nms4": "[B, 1] + [B, K, 4] + [B, K] + [B, K]",
+    "boxes-scores": "[B, N, 4] + [B, N, nc]",
+    "nms4": "[B, 1] + [B, K, 4] + [B, K] + [B, K] (or labels + boxes + scores)",
 }
 
 
@@ -194,14 +196,21 @@ def box_score_roles(outputs: list[Output], nc: int | None):
     return (boxes, scores)
 
 
-def nms4_roles(outputs: list[Output]) -> tuple[int, int, int, int] | None:
+def nms4_roles(outputs: list[Output]) -> tuple[int | None, int, int, int] | None:
     """Indices of (num_dets, boxes, scores, classes) by name, else by rank (declared order for the two
-    [B, K] outputs: scores first, as EfficientNMS); None when they can't be told."""
+    [B, K] outputs: scores first, as EfficientNMS); None when they can't be told. Three outputs
+    (RT-DETR / D-FINE exported with their post-processor: labels, boxes, scores) have no num_dets
+    (None: every row counts) and are told by name only."""
     keys = (("num",), ("box",), ("score", "conf"), ("class", "label", "cls"))
     by_name = []
     for words in keys:
         hits = [i for i, (name, _) in enumerate(outputs) if any(w in name.lower() for w in words)]
         by_name.append(hits[0] if len(hits) == 1 else None)
+    if len(outputs) == 3:
+        roles = by_name[1:]
+        ok = None not in roles and len(set(roles)) == 3 and len(outputs[roles[0]][1]) == 3 \
+            and all(len(outputs[i][1]) == 2 for i in roles[1:])
+        return (None, *roles) if ok else None
     if None not in by_name and len(set(by_name)) == 4:
         return tuple(by_name)
     boxes = [i for i, (_, s) in enumerate(outputs) if len(s) == 3]
@@ -230,7 +239,7 @@ def _fits(layout: str, outputs: list[Output], nc: int | None):
     shapes = [shape for _, shape in outputs]
     if layout == "nms4":
         roles = nms4_roles(outputs)
-        if len(outputs) != 4 or roles is None or shapes[roles[1]][-1] not in (4, None):
+        if len(outputs) not in (3, 4) or roles is None or shapes[roles[1]][-1] not in (4, None):
             return False
         return True
     if layout in ("boxes-scores", "detr") and len(outputs) == 2:
@@ -255,8 +264,8 @@ def decode(layout: str, outputs: list[np.ndarray], input_hw: tuple[int, int],
     """One batch of a model's outputs (in the model's order; `names` its output names) as candidates."""
     specs = [(names[i] if names else f"output{i}", tuple(o.shape)) for i, o in enumerate(outputs)]
     if layout == "nms4":
-        num, boxes, scores, classes = (outputs[i] for i in nms4_roles(specs))
-        valid = np.asarray(num).reshape(len(boxes), -1)[:, 0].astype(np.int64)
+        num, boxes, scores, classes = (None if i is None else outputs[i] for i in nms4_roles(specs))
+        valid = None if num is None else np.asarray(num).reshape(len(boxes), -1)[:, 0].astype(np.int64)
         return Candidates(_f32(boxes), _f32(scores), np.asarray(classes).astype(np.int64), valid, False)
     if len(outputs) == 2:
         roles = box_score_roles(specs, None)
