@@ -111,3 +111,15 @@ def test_an_unknown_extra_input_is_one_error_line(tmp_path, analytic_model, cli,
     assert len(lines) == 1 and lines[0].startswith("error:"), r.output
     assert "prompt_embedding [?, 2]" in lines[0] and "orig_target_sizes" in lines[0] and "scale_factor" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_extra_inputs_with_prepared_precisions(tmp_path, analytic_model, cli, packed, precision):
+    """FP16 conversion keeps the extra inputs; INT8 calibration feeds them as a run does."""
+    model = with_inputs(analytic_model, tmp_path / "rtdetr.onnx", "rtdetr")
+    dataset, truth = packed
+    r = cli("run", dataset, "--model", model, "--out", tmp_path / "run", "-q", "--precision", precision,
+            "--cache-dir", tmp_path / "cache", "--calib-images", "3")
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(tmp_path / "run" / "detections").to_pylist()
+    assert len(rows) > 0 and compare_with_truth(truth, rows) == []

@@ -238,10 +238,8 @@ def layout_hint(meta: dict[str, str]) -> str | None:
     return "detr" if "rtdetr" in description or "rt-detr" in description else None
 
 
-def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
-    path = Path(path)
-    model = read_onnx(path)
-    meta = model_metadata(model)
+def split_inputs(model: onnx.ModelProto, path: Path):
+    """(the image input's ValueInfo, the extra inputs bulkdet feeds); ValueError naming an input it can't."""
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     images = [i for i in inputs if len(i.type.tensor_type.shape.dim) == 4] or inputs[:1]
@@ -250,7 +248,14 @@ def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
     if len(images) > 1:
         raise ValueError(f"{path}: expected one image input [B, 3, H, W], found {[i.name for i in images]}")
     image = images[0]
-    extra_inputs = tuple(_extra_input(path, i) for i in inputs if i is not image)
+    return image, tuple(_extra_input(path, i) for i in inputs if i is not image)
+
+
+def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
+    path = Path(path)
+    model = read_onnx(path)
+    meta = model_metadata(model)
+    image, extra_inputs = split_inputs(model, path)
     tensor = image.type.tensor_type
     dims = [_dim(d) for d in tensor.shape.dim]
     if len(dims) != 4 or (dims[1] is not None and dims[1] != 3):
