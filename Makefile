@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench gpu-check clean
+.PHONY: demo test test-fast bench bench-tiling gpu-check clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (set PY=...)"; exit 1; }
@@ -26,6 +26,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# --tile: small objects found with and without tiles, tiles/s batched across images vs one image
+# at a time, peak memory on a 100-megapixel JPEG (docs/tiling.md).
+bench-tiling: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks.tiling $(BENCH_ARGS)
 
 # No venv stamp on the GPU test machine: it has no venv and no package index, and runs the system
 # python3 with the carried packages on PYTHONPATH (docs/gpu-and-precision.md). Here: the venv when

@@ -76,3 +76,24 @@ MAX_DET = 30_000
 # pack --shard-size-mb: below 0.1 MB a shard holds less than one photo; above 1e6 MB (1 TB) one
 # shard, the unit of resume and of scale-out, would be a whole archive.
 SHARD_MB_MIN, SHARD_MB_MAX = 0.1, 1e6
+
+
+class TileMerge(Choice):
+    """How the boxes of an image's tiles are merged (`--tile-merge`)."""
+
+    NMM = "nmm"  # greedy non-max merging: matching boxes become their union, best score
+    NMS = "nms"  # non-max suppression: matching boxes are dropped
+
+
+class TileMatch(Choice):
+    """When two boxes match (`--tile-match`): intersection over union, or over the smaller box."""
+
+    IOS = "ios"
+    IOU = "iou"
+
+
+# --tile: the tile side in original pixels (0 = no tiling); below 32 a tile has no model cell,
+# and one tile cannot exceed the largest input (--imgsz's limit). --tile-overlap below 1: the
+# tiles must advance.
+TILE_MIN, TILE_MAX = 32, IMGSZ_MAX
+TILE_OVERLAP_MAX = 0.9

@@ -19,7 +19,8 @@ import typer
 from typer.core import TyperGroup
 
 from bulkdet.choices import (IMGSZ_MAX, IMGSZ_MIN, MAX_BATCH, MAX_DET, MAX_THREADS, SHARD_MB_MAX, SHARD_MB_MIN,
-                             Backend, Device, Int8Target, Layout, Precision)
+                             TILE_MAX, TILE_MIN, TILE_OVERLAP_MAX, Backend, Device, Int8Target, Layout, Precision, TileMatch,
+                             TileMerge)
 from bulkdet.ingest.imageinfo import DEFAULT_MAX_PIXELS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_INPUTS = 0, 1, 2, 3
@@ -325,15 +326,29 @@ def run(
                                             "tell it (see docs/models.md; default: told by the outputs)."),
     classes: Optional[list[str]] = typer.Option(None, "--classes", help="Keep only these classes (names or ids "
                                                 "of the model's; repeat or comma-separate, e.g. person,car)."),
+    tile: int = typer.Option(0, min=0, max=TILE_MAX, help="Sliced inference: cut images larger than SIZE "
+                             "original pixels into SIZE x SIZE tiles (0: off). See docs/tiling.md."),
+    tile_overlap: float = typer.Option(0.2, min=0.0, max=TILE_OVERLAP_MAX, help="Share of a tile its "
+                                       "neighbour overlaps."),
+    tile_full: bool = typer.Option(True, help="With --tile: also run the whole image, letterboxed "
+                                   "(finds the objects larger than a tile)."),
+    tile_merge: TileMerge = typer.Option(TileMerge.NMM, help="Merge an image's tile boxes: nmm (matching "
+                                         "boxes become their union) or nms (matching boxes dropped)."),
+    tile_match: TileMatch = typer.Option(TileMatch.IOS, help="Boxes match by intersection over the "
+                                         "smaller box (ios) or over the union (iou)."),
+    tile_match_threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Boxes match above this overlap."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.run.model_errors import ModelRunError
     from bulkdet.run.runner import RunConfig, run as do_run
+    from bulkdet.run.tiles import TileSettings
     from bulkdet.store.lock import FolderInUse
     from bulkdet.store.run_folder import RunFolderRefused
     from bulkdet.model.layouts import LayoutError
     from bulkdet.model.info import UnknownClass
 
+    if 0 < tile < TILE_MIN:
+        raise typer.BadParameter(f"{tile} is below {TILE_MIN} pixels (0 turns tiling off)", param_hint="'--tile'")
     if not use_ray and (ray_address or workers):
         raise typer.BadParameter("needs --ray", param_hint="'--ray-address' / '--workers'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
@@ -347,7 +362,9 @@ def run(
                     precision_check_images=check_precision, calib_images=calib_images, cache_dir=cache_dir,
                     hw_decoder_load=hw_decoder_load, nms_in_model=nms_in_model,
                     pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers,
-                    layout=layout.value if layout else None, classes=classes or None)
+                    layout=layout.value if layout else None,
+                    tiles=TileSettings(tile, tile_overlap, tile_full, tile_merge.value, tile_match.value,
+                                       tile_match_threshold), classes=classes or None)
     try:
         with _quiet_native_output(quiet):
             if use_ray:

@@ -39,3 +39,31 @@ def test_float16_output_for_fp16_models():
     out = Decoder("cpu", max_batch=1, num_threads=1, out_dtype=np.float16).decode(batch, [png(100, 50, (0, 0, 255))])
     assert out.tensor.dtype == np.float16
     assert out.tensor[0, 2, 32, 32] == 1.0 and out.tensor[0, 2, 0, 0] == np.float16(PAD_VALUE / 255.0)
+
+
+@pytest.mark.parametrize("budget", [10**9, 600 * 512])  # the whole image kept; bands of tile rows
+def test_tiles_are_cut_from_the_upright_image_by_dali_and_by_the_fallback(tmp_path, budget):
+    import pyarrow as pa
+
+    from bulkdet.run.decode import pillow_letterbox
+    from bulkdet.run.plan import plan
+    from bulkdet.run.tiles import TileSettings, expand
+    from bulkdet.synthetic import Rect, draw_upright, write_image
+
+    rects = [Rect(0, 600, 420, 660, 690), Rect(2, 100, 50, 130, 80)]
+    data = write_image(tmp_path / "a.png", 900, 700, rects, fmt="png", orientation=6, seed=1).read_bytes()
+    upright = draw_upright(900, 700, rects, seed=1)
+    rows = pa.table({"image_id": [0], "shard": [0], "width": [900], "height": [700], "path": ["a"], "key": [b"a"]})
+    batches = list(plan(expand(rows, TileSettings(256, overlap=0.25, full=False)), 256, 4))
+    decoder = Decoder("cpu", max_batch=4, num_threads=1, decode_budget=budget)
+    tiles = 0
+    for batch in batches:  # the tiles of one image over several batches
+        out = decoder.decode(batch, [data] * len(batch))
+        assert out.errors == {} and out.tensor.shape == (len(batch), 3, 256, 256)
+        for i in range(len(batch)):
+            x, y = int(batch.tiles.x[i]), int(batch.tiles.y[i])
+            window = upright[y:y + 256, x:x + 256].transpose(2, 0, 1) / 255.0
+            np.testing.assert_allclose(out.tensor[i], window, atol=1e-6)  # a tile at scale 1: its pixels
+            np.testing.assert_allclose(pillow_letterbox(data, batch, i), window, atol=1e-6)
+            tiles += 1
+    assert tiles == 20 and len(batches) == 5  # 5 x 4 tiles, the last column and row shifted inside

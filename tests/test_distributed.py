@@ -109,6 +109,26 @@ def test_ray_run_of_a_dataset_packed_by_reference_equals_the_local_run(ray_clust
 
 
 @pytest.mark.slow
+def test_ray_run_with_tiles_equals_local_run(ray_cluster, dataset, analytic_model, tmp_path, cli):
+    """--tile on Ray workers: the rows of a local tiled run. The broken JPEG fails as one row,
+    the GIF's tiles are cut by the Pillow fallback."""
+    from bulkdet.run.tiles import TileSettings
+
+    run(_cfg(dataset[0], analytic_model, tmp_path / "local", tiles=TileSettings(64, overlap=0.25)))
+    r = cli("run", dataset[0], "--model", analytic_model, "--out", tmp_path / "ray", "--max-batch", 4,
+            "--dali-threads", 1, "--infer-threads", 1, "--tile", 64, "--tile-overlap", 0.25, "-q", "--ray",
+            "--workers", 2)
+    assert r.exit_code == 3, r.output
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+    images = {i["path"]: i for i in _rows(tmp_path / "ray")[0]}
+    assert len(images) == 43 and images["broken.jpg"]["status"] == "decode_error"
+    assert images["plain.gif"]["status"] == "ok"
+    metrics = pq.read_table(tmp_path / "ray" / "metrics.parquet")
+    assert pc.sum(metrics.column("tiles")).as_py() > 0
+    assert json.loads((tmp_path / "ray" / "run.json").read_text())["totals"]["fallback_decoded"] >= 1
+
+
+@pytest.mark.slow
 def test_killed_worker_redoes_only_its_shard(ray_cluster, dataset, analytic_model, local_rows, tmp_path):
     """SIGKILL a worker right after its first commit: its shard is redone, the output stays exact."""
     out = tmp_path / "run"

@@ -74,7 +74,7 @@ def plot_throughput(t: dict, s: dict) -> str:
     end = t["end"]
     nbins = int(np.clip(len(end) // 4, 1, 120))  # at least ~4 batches a bin, so the rate is not just noise
     edges = np.linspace(float(np.nanmin(t["start"])), float(np.nanmax(end)), nbins + 1)
-    images, _ = np.histogram(end, bins=edges, weights=t["batch_size"])
+    images, _ = np.histogram(end, bins=edges, weights=t["images"])
     rate = images / np.diff(edges)
     fig = _figure()
     ax = fig.add_subplot()

@@ -123,6 +123,11 @@ def timeline(metrics: pa.Table) -> dict[str, np.ndarray]:
         clock += np.nanmax(_col(metrics, f"{last}_end")[sel]) - np.nanmin(_col(metrics, f"{first}_start")[sel])
     t = {name: _col(metrics, name) for name in ("batch_size", "original_pixels", "encoded_bytes",
                                                 "input_pixels", "padding_pixels", "input_h", "input_w")}
+    # Images and tiles per batch (metrics of runs before --tile: images = batch items, no tiles).
+    names = metrics.column_names
+    t["images"] = (pc.coalesce(metrics.column("images_written"), metrics.column("batch_size")).to_numpy()
+                   if "images_written" in names else t["batch_size"])
+    t["tiles"] = pc.fill_null(metrics.column("tiles"), 0).to_numpy() if "tiles" in names else np.zeros(len(metrics), int)
     t["run_id"] = run_ids
     for stage in stages:
         t[f"{stage}_start"] = _col(metrics, f"{stage}_start") + offset
@@ -154,7 +159,7 @@ def timing_summary(metrics: pa.Table) -> dict:
     t = timeline(metrics)
     stages = t["stages"]
     n = len(t["end"])
-    processed = int(t["batch_size"].sum())
+    processed = int(t["images"].sum())
     span = float(np.nanmax(t["end"]) - np.nanmin(t["start"]))
     steady, steady_s, warmup_s = steady_window(t)
     warmup_excluded = steady.sum() >= MIN_STEADY_BATCHES and steady_s > 0
@@ -171,7 +176,9 @@ def timing_summary(metrics: pa.Table) -> dict:
     return {
         "batches": n, "processed": processed, "invocations": len(set(t["run_id"].tolist())),
         "elapsed_s": span, "warmup_excluded": bool(warmup_excluded), "warmup_s": warmup_s, "warmup_batches": int(n - steady.sum()), "steady_s": steady_s,
-        "images_per_s": float(t["batch_size"][steady].sum() / steady_s),
+        "images_per_s": float(t["images"][steady].sum() / steady_s),
+        "tiles": int(t["tiles"].sum()), "tiles_per_s": float(t["tiles"][steady].sum() / steady_s),
+        "items_per_s": float(t["batch_size"][steady].sum() / steady_s),
         "megapixels_per_s": float(t["original_pixels"][steady].sum() / steady_s / 1e6),
         "input_megapixels_per_s": float(t["input_pixels"][steady].sum() / steady_s / 1e6),
         "mb_per_s": float(t["encoded_bytes"][steady].sum() / steady_s / 1e6),
@@ -240,6 +247,9 @@ def _print_timing(console: Console, s: dict) -> None:
     t.add_column("what")
     t.add_column("value", justify="right")
     t.add_row("images/s", f"{s['images_per_s']:.1f}")
+    if s.get("tiles"):  # --tile: the model's items are tiles (and full passes)
+        t.add_row("tiles/s", f"{s['tiles_per_s']:.1f}")
+        t.add_row("model inputs/s (tiles + full passes)", f"{s['items_per_s']:.1f}")
     t.add_row("megapixels/s (originals)", f"{s['megapixels_per_s']:.1f}")
     t.add_row("megapixels/s (model input)", f"{s['input_megapixels_per_s']:.1f}")
     t.add_row("MB/s read", f"{s['mb_per_s']:.1f}")

@@ -18,7 +18,7 @@ from nvidia.dali import fn, pipeline_def, types
 from PIL import Image, ImageOps
 
 import bulkdet.ingest.imageinfo  # noqa: F401 - sets Pillow's own pixel limit off: --max-pixels applies
-from bulkdet.run.plan import Batch
+from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch
 
 PAD_VALUE = 114
 _DALI_DTYPES = {np.float32: types.FLOAT, np.float16: types.FLOAT16}
@@ -35,13 +35,43 @@ class DecodedBatch:
 @pipeline_def
 def _letterbox_graph(decoder_device: str, out_dtype, hw_decoder_load: float | None = None):
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    # adjust_orientation (default on) applies EXIF orientation: output is upright.
+    images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
+                               **_mixed_options(decoder_device, hw_decoder_load))
+    return _letterbox(images, out_dtype)
+
+
+@pipeline_def
+def _region_graph(decoder_device: str, hw_decoder_load: float | None = None):
+    """Tiles, step 1: per image of a batch, the window bounding its tiles, decoded once. DALI
+    decodes by region (ROI, in upright pixels): a JPEG's decoder skips what lies outside, so a
+    100-megapixel image costs its window's pixels in memory, not its own."""
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    start = fn.external_source(name="start", dtype=types.INT32, ndim=1)  # x0, y0
+    shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)  # w, h
+    return fn.decoders.image_slice(encoded, start, shape, device=decoder_device, output_type=types.RGB,
+                                   normalized_anchor=False, normalized_shape=False, axis_names="WH",
+                                   **_mixed_options(decoder_device, hw_decoder_load))
+
+
+@pipeline_def
+def _tile_graph(device: str, out_dtype):
+    """Tiles, step 2: each tile cut from its image's decoded window, then letterboxed as an image."""
+    # no_copy: a kept image is fed to every batch of its tiles; DALI reads it in place (the
+    # decoder holds it until the run returns).
+    regions = fn.external_source(name="regions", dtype=types.UINT8, ndim=3, layout="HWC", device=device,
+                                 no_copy=True)
+    start = fn.external_source(name="start", dtype=types.INT32, ndim=1)  # x0, y0 in the region
+    shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)  # w, h
+    return _letterbox(fn.slice(regions, start, shape, axis_names="WH"), out_dtype)
+
+
+def _letterbox(images, out_dtype):
+    """Resize to the planned size, then pad and normalise (inputs fed per sample: see `_feed_letterbox`)."""
     resize_hw = fn.external_source(name="resize_hw", dtype=types.FLOAT, ndim=1)
     crop_hw = fn.external_source(name="crop_hw", dtype=types.FLOAT, ndim=1)
     crop_pos_x = fn.external_source(name="crop_pos_x", dtype=types.FLOAT, ndim=0)
     crop_pos_y = fn.external_source(name="crop_pos_y", dtype=types.FLOAT, ndim=0)
-    # adjust_orientation (default on) applies EXIF orientation: output is upright.
-    images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
-                               **_mixed_options(decoder_device, hw_decoder_load))
     # Plain bilinear, as the reference YOLO predictors resize (cv2 INTER_LINEAR, no antialias):
     # the model sees what it sees there, and decode costs ~20 % less CPU.
     images = fn.resize(images, size=resize_hw, antialias=False, interp_type=types.INTERP_LINEAR)
@@ -70,14 +100,17 @@ class Decoder:
     """Decodes whole batches; when DALI rejects a batch, isolates the bad images."""
 
     def __init__(self, device: str = "cpu", max_batch: int = 32, num_threads: int | None = None,
-                 out_dtype=np.float32, device_id: int = 0, hw_decoder_load: float | None = None):
+                 out_dtype=np.float32, device_id: int = 0, hw_decoder_load: float | None = None,
+                 decode_budget: int = DEFAULT_DECODE_BUDGET):
         self.device = device
+        self.decode_budget = decode_budget  # tiles: an image up to this many pixels is decoded whole, once
         self.hw_decoder_load = hw_decoder_load
         self.max_batch = max_batch
         self.num_threads = num_threads or max(1, os.cpu_count() or 1)
         self.out_dtype = out_dtype
         self.device_id = device_id
         self.pipe = self._build()
+        self._tiles = TileDecoder(self)
 
     def _build(self):
         pipe = _letterbox_graph(
@@ -91,17 +124,14 @@ class Decoder:
         return pipe
 
     def _run(self, encoded: list[bytes], batch: Batch, idx: list[int]):
-        lb = batch.letterbox
-        h, w = batch.input_hw
         self.pipe.feed_input("encoded", [np.frombuffer(encoded[i], np.uint8) for i in idx])
-        self.pipe.feed_input("resize_hw", [np.array([lb.new_h[i], lb.new_w[i]], np.float32) for i in idx])
-        self.pipe.feed_input("crop_hw", [np.array([h, w], np.float32) for _ in idx])
-        self.pipe.feed_input("crop_pos_x", [_crop_pos(lb.left[i], w - lb.new_w[i]) for i in idx])
-        self.pipe.feed_input("crop_pos_y", [_crop_pos(lb.top[i], h - lb.new_h[i]) for i in idx])
+        _feed_letterbox(self.pipe, batch, idx)
         (out,) = self.pipe.run()
         return out.as_tensor()
 
     def decode(self, batch: Batch, encoded: list[bytes]) -> DecodedBatch:
+        if batch.tiles is not None:
+            return self._tiles.decode(batch, encoded)
         # What DALI's own parser rejects never reaches DALI: a parse failure inside a large
         # DALI batch can crash the process (seen with DALI 2.4), not just fail the batch.
         errors = {i: msg for i, data in enumerate(encoded) if (msg := _parse_error(data)) is not None}
@@ -168,6 +198,145 @@ class Decoder:
         return np.array(tensor) if self.device == "cpu" else tensor
 
 
+def _feed_letterbox(pipe, batch: Batch, idx: list[int]) -> None:
+    lb = batch.letterbox
+    h, w = batch.input_hw
+    pipe.feed_input("resize_hw", [np.array([lb.new_h[i], lb.new_w[i]], np.float32) for i in idx])
+    pipe.feed_input("crop_hw", [np.array([h, w], np.float32) for _ in idx])
+    pipe.feed_input("crop_pos_x", [_crop_pos(lb.left[i], w - lb.new_w[i]) for i in idx])
+    pipe.feed_input("crop_pos_y", [_crop_pos(lb.top[i], h - lb.new_h[i]) for i in idx])
+
+
+class TileDecoder:
+    """Batches of tile items (run/tiles.py): each image decoded once, its items cut from it and
+    letterboxed.
+
+    An image's items follow each other in run order but may span batches. On CPU an image of
+    at most the decode budget's pixels is decoded whole and kept until its items are done (one
+    image kept: at most the decode budget's pixels besides the batch's); a larger one, and every
+    image on GPU (whose batches hold many tiles), is decoded per batch by region, the window
+    bounding its items in the batch (DALI's ROI decoding: the rest of a JPEG is skipped).
+
+    Fault isolation as for whole images: what DALI's parser rejects, or a region DALI fails to
+    decode, goes to the Pillow fallback (whole image decoded once, its items cut from it); what
+    Pillow fails too is an error of every item of that image.
+    """
+
+    def __init__(self, owner: Decoder):
+        self.owner = owner
+        self.regions_pipe = self.tiles_pipe = None
+        self.kept: tuple[int, tuple, np.ndarray] | None = None  # (image id, window, pixels) of the last image
+
+    def _build(self) -> None:
+        o = self.owner
+        common = dict(batch_size=o.max_batch, num_threads=o.num_threads,
+                      device_id=o.device_id if o.device == "gpu" else None,
+                      prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        self.regions_pipe = _region_graph(decoder_device="mixed" if o.device == "gpu" else "cpu",
+                                          hw_decoder_load=o.hw_decoder_load, **common)
+        self.tiles_pipe = _tile_graph(device=o.device, out_dtype=_DALI_DTYPES[np.dtype(o.out_dtype).type], **common)
+        self.regions_pipe.build()
+        self.tiles_pipe.build()
+
+    def _window(self, tiles: tuple, width: int, height: int) -> tuple:
+        """What to decode of an image for the tiles of a batch (`tiles`: the box around them).
+        CPU, kept for the next batches: the whole image, else the band of its tile rows across
+        the image's width (each band decoded once), when within the decode budget."""
+        if self.owner.device != "cpu":
+            return tiles
+        budget = self.owner.decode_budget
+        if width * height <= budget:
+            return (0, 0, width, height)
+        if width * (tiles[3] - tiles[1]) <= budget:
+            return (0, tiles[1], width, tiles[3])
+        return tiles
+
+    def decode(self, batch: Batch, encoded: list[bytes]) -> DecodedBatch:
+        if self.regions_pipe is None:
+            self._build()
+        t = batch.tiles
+        errors: dict[int, str] = {}
+        regions: dict[int, object] = {}  # first item -> its decoded window (HWC uint8)
+        images, good = [], []
+        for first, items, window in t.regions(batch.image_ids, batch.width, batch.height):
+            image_id = int(batch.image_ids[first])
+            if self.kept and self.kept[0] == image_id and _inside(window, self.kept[1]):
+                images.append((first, items, self.kept[1]))
+                regions[first] = self.kept[2]
+                continue
+            window = self._window(window, int(t.image_width[first]), int(t.image_height[first]))
+            images.append((first, items, window))
+            msg = _parse_error(encoded[first])
+            if msg is None:
+                good.append((first, items, window))
+            else:
+                errors[first] = msg
+        self._decode_regions(encoded, good, regions, errors)
+        if self.owner.device == "cpu" and images and images[-1][0] in regions:  # the image the next batch may continue
+            first, _, window = images[-1]
+            self.kept = (int(batch.image_ids[first]), window, regions[first])
+        fallback = []
+        by_first = {first: (items, window) for first, items, window in images}
+        for first in sorted(errors):  # what DALI rejects gets a second chance on the CPU decoder
+            items, window = by_first[first]
+            try:
+                regions[first] = np.ascontiguousarray(np.asarray(_pillow_upright(encoded[first]))[
+                    window[1]:window[3], window[0]:window[2]])
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
+                errors[first] = f"dali: {errors[first]}; pillow: {_pillow_message(exc)}"[:500]
+            else:
+                fallback.append(first)
+                del errors[first]
+        item_errors = {i: errors[first] for first, items, _ in images if first in errors for i in items}
+        idx = [i for i in range(len(batch)) if i not in item_errors]
+        owner = self.owner
+        h, w = batch.input_hw
+        if not idx:
+            tensor = np.full((len(batch), 3, h, w), PAD_VALUE / 255.0, dtype=owner.out_dtype)
+            return DecodedBatch(batch, tensor, item_errors, fallback)
+        if fallback and owner.device == "gpu":  # one feed is all on the device or all on the host
+            regions = {k: v if isinstance(v, np.ndarray) else _to_host(v) for k, v in regions.items()}
+        image_of = {i: (first, window) for first, items, window in images for i in items}
+        p = self.tiles_pipe
+        p.feed_input("regions", [regions[image_of[i][0]] for i in idx], layout="HWC")
+        p.feed_input("start", [np.array([t.x[i] - image_of[i][1][0], t.y[i] - image_of[i][1][1]], np.int32)
+                               for i in idx])
+        p.feed_input("shape", [np.array([batch.width[i], batch.height[i]], np.int32) for i in idx])
+        _feed_letterbox(p, batch, idx)
+        (out,) = p.run()
+        if not item_errors:
+            return DecodedBatch(batch, owner._to_output(out.as_tensor()), {}, fallback)
+        tensor = np.full((len(batch), 3, h, w), PAD_VALUE / 255.0, dtype=owner.out_dtype)
+        tensor[idx] = _to_host(out.as_tensor())
+        return DecodedBatch(batch, tensor, item_errors, fallback)
+
+    def _decode_regions(self, encoded, images, regions: dict, errors: dict[int, str]) -> None:
+        """Decode each image's window; on failure, one image at a time (the bad ones into `errors`)."""
+        if not images:
+            return
+        p = self.regions_pipe
+        try:
+            p.feed_input("encoded", [np.frombuffer(encoded[first], np.uint8) for first, _, _ in images])
+            p.feed_input("start", [np.array(win[:2], np.int32) for _, _, win in images])
+            p.feed_input("shape", [np.array([win[2] - win[0], win[3] - win[1]], np.int32) for _, _, win in images])
+            (out,) = p.run()
+        except RuntimeError as exc:
+            self._build()  # a pipeline that raised is not reused
+            if len(images) == 1:
+                errors[images[0][0]] = _dali_message(exc)
+                return
+            for one in images:
+                self._decode_regions(encoded, [one], regions, errors)
+            return
+        for k, (first, _, _) in enumerate(images):
+            # GPU: the window stays on the device; CPU: a host array (copied: DALI reuses its buffers).
+            regions[first] = out[k] if self.owner.device == "gpu" else np.array(out[k])
+
+
+def _inside(window, outer) -> bool:
+    return outer[0] <= window[0] and outer[1] <= window[1] and window[2] <= outer[2] and window[3] <= outer[3]
+
+
 def _parse_error(data: bytes) -> str | None:
     """Why DALI's image parser (nvImageCodec) can't read this header; None when it can."""
     try:
@@ -189,9 +358,24 @@ def pillow_letterbox(data: bytes, batch: Batch, i: int, out_dtype=np.float32) ->
     Pixel values can differ slightly from DALI's (another resampler); geometry is identical,
     so boxes map back the same way.
     """
+    rgb = _pillow_upright(data)
+    if batch.tiles is not None:  # a tile: its window of the upright image
+        x, y = int(batch.tiles.x[i]), int(batch.tiles.y[i])
+        rgb = rgb.crop((x, y, x + int(batch.width[i]), y + int(batch.height[i])))
+    return _pillow_letterbox_image(rgb, batch, i, out_dtype)
+
+
+def _pillow_letterbox_image(rgb: Image.Image, batch: Batch, i: int, out_dtype) -> np.ndarray:
     lb = batch.letterbox
     h, w = batch.input_hw
     new_w, new_h, top, left = int(lb.new_w[i]), int(lb.new_h[i]), int(lb.top[i]), int(lb.left[i])
+    canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
+    canvas[top:top + new_h, left:left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BILINEAR))
+    return (canvas.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(out_dtype)
+
+
+def _pillow_upright(data: bytes) -> Image.Image:
+    """The image decoded by Pillow: upright RGB, first frame."""
     with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
         warnings.simplefilter("ignore")  # e.g. palette transparency notes: not errors
         im.seek(0)  # first frame of an animated GIF / WebP / multi-page TIFF
@@ -200,10 +384,7 @@ def pillow_letterbox(data: bytes, batch: Batch, i: int, out_dtype=np.float32) ->
             upright = ImageOps.exif_transpose(im)
         except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image (as in imageinfo)
             upright = im
-        rgb = _to_rgb(upright)
-    canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
-    canvas[top:top + new_h, left:left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BILINEAR))
-    return (canvas.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(out_dtype)
+        return _to_rgb(upright)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -38,6 +38,9 @@ def metrics_schema() -> pa.Schema:
         ("input_h", pa.int32()),  # the bucket shape the batch was computed at
         ("input_w", pa.int32()),
         ("batch_size", pa.int32()),
+        ("images", pa.int32()),  # distinct images of the batch's items (fewer than batch_size with --tile)
+        ("tiles", pa.int32()),  # items that are tiles of a tiled image (0 without --tile)
+        ("images_written", pa.int32()),  # images whose row this batch completed (their last item was in it)
         ("failed", pa.int32()),  # images of the batch that could not be decoded
         ("encoded_bytes", pa.int64()),  # bytes read from the shards
         ("original_pixels", pa.int64()),  # sum of width * height of the originals (upright)
@@ -100,14 +103,18 @@ class MetricsRecorder:
             self._writer.write_table(table)
             self._written += len(table)
 
-    def record(self, batch, times: BatchTimes, failed: int, encoded_bytes: int = 0) -> None:
+    def record(self, batch, times: BatchTimes, failed: int, encoded_bytes: int = 0,
+               images_written: int | None = None) -> None:
         lb = batch.letterbox
         h, w = batch.input_hw
         input_pixels = len(batch) * h * w
         image_pixels = int((lb.new_w.astype("int64") * lb.new_h).sum())
         row = {
             "run_id": self.run_id, "batch_id": batch.batch_id, "shard": batch.shard, "device": self.device,
-            "input_h": h, "input_w": w, "batch_size": len(batch), "failed": failed,
+            "input_h": h, "input_w": w, "batch_size": len(batch),
+            "images": len(set(batch.image_ids.tolist())) if batch.tiles is not None else len(batch),
+            "tiles": int(batch.tiles.tile.sum()) if batch.tiles is not None else 0,
+            "images_written": len(batch) if images_written is None else images_written, "failed": failed,
             "encoded_bytes": encoded_bytes,
             "original_pixels": int((batch.width.astype("int64") * batch.height).sum()),
             "input_pixels": input_pixels, "padding_pixels": input_pixels - image_pixels,

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from bulkdet.model.info import DEFAULT_STRIDE, model_input_hw
+from bulkdet.run.tiles import TileInfo
 
 # CPU: batch size barely changes throughput, while the engine's memory grows with the
 # pixels of a batch (0.1-0.2 GB per million input pixels for YOLOv8n): two 640x640
@@ -99,6 +100,7 @@ class Batch:
     letterbox: Letterbox
     pack_status: list[str] | None = None  # the manifest's status (ok, corrupt): kept when the image decodes
     pack_error: list[str | None] | None = None
+    tiles: TileInfo | None = None  # items of tiled images (run/tiles.py): width/height are their windows'
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -137,7 +139,7 @@ class BatchPlan:
             paths=rows.column("path").to_pylist(), keys=rows.column("key").to_pylist(),
             width=self.width[start:end], height=self.height[start:end], input_hw=(h, w),
             letterbox=centred(self.new_w[start:end], self.new_h[start:end], h, w),
-            pack_status=_optional(rows, "status"), pack_error=_optional(rows, "error"))
+            pack_status=_optional(rows, "status"), pack_error=_optional(rows, "error"), tiles=TileInfo.of(rows))
 
     def batch_sizes(self) -> np.ndarray:
         return np.diff(self.starts)
@@ -185,7 +187,8 @@ def plan(images: pa.Table, imgsz: int = 640, max_batch: int = 32, *, stride: int
     shard, width, height = shard[order], width[order], height[order]
     new_w, new_h, in_h, in_w = new_w[order], new_h[order], in_h[order], in_w[order]
     original = width.astype(np.int64) * height
-    starts, cut_by = _cut(shard, in_h, in_w, original, max_batch, pixel_budget, decode_budget)
+    starts, cut_by = _cut(shard, in_h, in_w, original, max_batch, pixel_budget, decode_budget,
+                          _item_windows(table) if "tile_x" in table.column_names else None)
 
     result = BatchPlan(table, _column(table, "image_id").astype(np.int64), shard, width, height, new_w, new_h,
                   starts, np.stack([in_h[starts[:-1]], in_w[starts[:-1]]], 1).astype(np.int32))
@@ -198,10 +201,20 @@ def plan(images: pa.Table, imgsz: int = 640, max_batch: int = 32, *, stride: int
     return result
 
 
+def _item_windows(table: pa.Table) -> tuple[list, np.ndarray]:
+    """(image id, window x0, y0, x1, y1) per row of tile items (run/tiles.py)."""
+    x, y = _column(table, "tile_x").astype(np.int64), _column(table, "tile_y").astype(np.int64)
+    win = np.stack([x, y, x + _column(table, "width"), y + _column(table, "height")], 1)
+    return _column(table, "image_id").tolist(), win
+
+
 def _cut(shard, in_h, in_w, original, max_batch: int, pixel_budget: int | None,
-         decode_budget: int | None) -> tuple[np.ndarray, dict]:
+         decode_budget: int | None, items: tuple[list, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
     """Greedy batches over rows in run order: a new batch at each new (shard, bucket), and
-    when the next image would break max_batch, the pixel budget or the decode budget."""
+    when the next image would break max_batch, the pixel budget or the decode budget.
+
+    `items` (tile items): the decoder decodes, per image of a batch, the window bounding that
+    image's items in the batch; the decode budget counts those windows' pixels."""
     pixel_budget = pixel_budget or np.iinfo(np.int64).max
     decode_budget = decode_budget or np.iinfo(np.int64).max
     n = len(shard)
@@ -211,7 +224,14 @@ def _cut(shard, in_h, in_w, original, max_batch: int, pixel_budget: int | None,
     cut_by = {"max_batch": 0, "pixel_budget": 0, "decode_budget": 0}
     count = decoded = 0
     pixels = (in_h.astype(np.int64) * in_w).tolist()
+    region = region_area = None  # the decoded window of the last row's image in this batch
     for pos, (new_group, px, orig) in enumerate(zip(group.tolist(), pixels, original.tolist())):
+        grown = None
+        if items is not None:
+            win = items[1][pos]
+            if count and not new_group and items[0][pos] == items[0][pos - 1]:
+                grown = np.r_[np.minimum(region[:2], win[:2]), np.maximum(region[2:], win[2:])]
+                orig = int((grown[2] - grown[0]) * (grown[3] - grown[1])) - region_area
         if count and not new_group:
             reason = ("max_batch" if count + 1 > max_batch else
                       "pixel_budget" if (count + 1) * px > pixel_budget else
@@ -222,6 +242,14 @@ def _cut(shard, in_h, in_w, original, max_batch: int, pixel_budget: int | None,
         if new_group or not count:
             starts.append(pos)
             count = decoded = 0
+            grown = None
+        if items is not None:
+            if grown is None:  # a new image in this batch
+                grown = items[1][pos]
+                orig = int((grown[2] - grown[0]) * (grown[3] - grown[1]))
+                region_area = 0
+            region = grown
+            region_area += orig
         count += 1
         decoded += orig
     starts.append(n)

@@ -41,6 +41,7 @@ from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget,
 from bulkdet.run.postprocess import INFER_ERROR, postprocess
 from bulkdet.run.precision_check import check_run_precision
 from bulkdet.run.progress import Progress
+from bulkdet.run.tiles import ImageAssembler, TileSettings, expand as expand_tiles
 from bulkdet.store.manifest import dataset_id, processed, read_manifest, unprocessed
 from bulkdet.store.run_folder import PartWriter, RunFolder
 from bulkdet.store.readers import Unreadable, open_dataset_reader
@@ -80,6 +81,7 @@ class RunConfig:
     decode_budget: int | None = None  # original pixels decoded at once (None: DEFAULT_DECODE_BUDGET)
     infer_workers: int | None = None  # batches inferred at once (None: default_threads)
     layout: str | None = None  # the model's output layout (model/layouts.py); None: told by its outputs
+    tiles: TileSettings = field(default_factory=TileSettings)  # --tile: sliced inference (run/tiles.py)
     classes: list[str] | None = None  # keep only these classes (names or ids; None: all)
 
 
@@ -168,7 +170,7 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
     layout = start_layout(cfg, model)  # None: told by the shapes of the first batch
     identity = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                 "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names,
-                "dataset_id": dataset_id(cfg.dataset),
+                "dataset_id": dataset_id(cfg.dataset), "tiles": cfg.tiles.identity(),
                 **({"layout": cfg.layout} if cfg.layout else {}),
                 **({"classes": kept} if (kept := class_ids(cfg.classes, model.names)) else {})}
     run_id = uuid.uuid4().hex[:12]
@@ -252,6 +254,7 @@ class _Work:
         self.decoded = None
         self.outputs = None
         self.detections = None
+        self.images_written = 0
         self.times = BatchTimes()
 
 
@@ -285,7 +288,8 @@ class ShardProcessor:
         except Exception as exc:  # the engine's (e.g. ONNX Runtime's NotImplemented for an op it lacks)
             raise model_load_error(cfg.model, backend, exc, cfg.precision) from exc
         self.decoder = Decoder(device, self.max_batch, dali_threads, out_dtype=self.engine.input_dtype,
-                               hw_decoder_load=cfg.hw_decoder_load)
+                               hw_decoder_load=cfg.hw_decoder_load,
+                               decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
         self.reader = open_dataset_reader(cfg.dataset)  # its shards, or the source (packed by reference)
         # A fixed-batch model gets batches of exactly model.batch (padded); a batch that runs out of
         # memory is halved (and the halves padded again).
@@ -308,7 +312,6 @@ class ShardProcessor:
         self.engine.close()
 
 
-
 def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, metrics: MetricsRecorder,
                progress) -> StageResult:
     """Runs manifest rows (bytes stored) through read -> ... -> write into `writer`.
@@ -317,7 +320,10 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
     """
     cfg, model, device, input_hw = processor.cfg, processor.model, processor.device, processor.input_hw
     engine, decoder, reader = processor.engine, processor.decoder, processor.reader
-    batches = plan(rows, cfg.imgsz, processor.max_batch, stride=model.stride, fixed_hw=model.fixed_shape,
+    # --tile: the planned items are tiles (run/tiles.py), and the writer gets complete images only.
+    assembler = ImageAssembler(cfg.tiles, cfg.max_det) if cfg.tiles.on else None
+    items = expand_tiles(rows, cfg.tiles) if cfg.tiles.on else rows
+    batches = plan(items, cfg.imgsz, processor.max_batch, stride=model.stride, fixed_hw=model.fixed_shape,
                    pixel_budget=cfg.pixel_budget or default_pixel_budget(device, input_hw[0], processor.max_batch),
                    decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
     fallback_decoded = 0
@@ -326,10 +332,17 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
              engine.provider, ",".join(batches.stats["images_per_bucket"]) or "-", len(batches), processor.threads)
 
     def read(work: _Work):
-        encoded = reader.read(work.batch.shard, work.batch.image_ids, work.batch.keys)
+        batch = work.batch
+        # Each image read once: the tiles of an image share its bytes (one copy, not one a tile).
+        first: dict[bytes, int] = {}
+        for i, key in enumerate(batch.keys):
+            first.setdefault(key, i)
+        rows = list(first.values())
+        got = dict(zip(first, reader.read(batch.shard, batch.image_ids[rows], [batch.keys[i] for i in rows])))
+        encoded = [got[key] for key in batch.keys]
         work.unreadable = {i: data for i, data in enumerate(encoded) if isinstance(data, Unreadable)}
         work.encoded = [b"" if i in work.unreadable else data for i, data in enumerate(encoded)]
-        work.encoded_bytes = sum(len(data) for data in work.encoded)
+        work.encoded_bytes = sum(len(data) for data in got.values() if not isinstance(data, Unreadable))
 
     def decode(work: _Work):
         nonlocal fallback_decoded
@@ -358,20 +371,30 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
         batch, errors, dets = work.batch, work.decoded.errors, work.detections
         pack_status = batch.pack_status or ["ok"] * len(batch)  # "corrupt" stays, with its detections
         pack_error = batch.pack_error or [None] * len(batch)
-        status = [work.unreadable[i].status if i in work.unreadable else "decode_error" if i in errors else INFER_ERROR if dets[i].error else pack_status[i]
-                  for i in range(len(batch))]
-        writer.add_images(batch.shard, batch.image_ids, batch.paths, batch.width, batch.height, status,
-                          [errors.get(i) or dets[i].error or pack_error[i] for i in range(len(batch))],
-                          [None if i in errors or d.error else d for i, d in enumerate(dets)])
-        progress.update(len(batch), work.encoded_bytes, len(batch) - status.count("ok"))
+        status = [work.unreadable[i].status if i in work.unreadable else "decode_error" if i in errors
+                  else INFER_ERROR if dets[i].error else pack_status[i] for i in range(len(batch))]
+        columns = (batch.image_ids, batch.paths, batch.width, batch.height, status,
+                   [errors.get(i) or dets[i].error or pack_error[i] for i in range(len(batch))],
+                   [None if i in errors or d.error else d for i, d in enumerate(dets)])
+        if assembler is not None:  # tile items: only the images whose last item this is
+            columns = assembler.add(batch, *columns[4:])
+            if columns is None:
+                progress.update(0, work.encoded_bytes, 0)
+                return
+            status = columns[4]
+        writer.add_images(batch.shard, *columns)
+        work.images_written = len(status)
+        progress.update(len(status), work.encoded_bytes, len(status) - status.count("ok"))
 
     def record(work: _Work):
-        metrics.record(work.batch, work.times, len(work.decoded.errors), work.encoded_bytes)
+        metrics.record(work.batch, work.times, len(work.decoded.errors), work.encoded_bytes, work.images_written)
 
     work = {"read": read, "decode": decode, "infer": infer, "postprocess": post, "write": write}
     pipeline = StagePipeline([Stage(name, work[name], processor.infer_workers if name == "infer" else 1)
                               for name in STAGES], on_done=record)
     pipeline.run(_Work(b) for b in batches)
+    if assembler is not None and assembler.pending:  # every item ran: an image left is a bug, not a result
+        raise RuntimeError(f"{len(assembler.pending)} tiled image(s) did not get all their tiles")
     return StageResult(batches.stats, fallback_decoded, processor.infer.splits - splits_before)
 
 

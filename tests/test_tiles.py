@@ -1,0 +1,206 @@
+"""--tile: planning, merging and whole runs with the exact analytic detector on large images."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bulkdet.run.plan import plan
+from bulkdet.run.tiles import TileSettings, expand, merge, starts, windows
+from bulkdet.store.parts import read_detections, read_images
+from bulkdet.synthetic import Rect, compare_with_truth, write_image
+from conftest import ROOT
+from test_resume import KILL_RUN
+
+TILE = ("--tile", 640)  # overlap 0.2: tiles start every 512 px; tile 0 ends at 640, tile 1 spans 512..1152
+SIDE = 4  # px: a 6 px square shrinks to about one input pixel at 640 and is mostly missed there
+
+
+def test_tiles_cover_the_image_with_edge_tiles_shifted_inside():
+    assert starts(640, 640, 0.2) == [0]  # no larger than a tile: one window, not tiled
+    assert starts(1500, 640, 0.2) == [0, 512, 860]  # the last tile shifted inside, never padded
+    win = windows(1500, 700, 640, 0.2)
+    assert win.tolist()[:3] == [[0, 0, 640, 640], [512, 0, 1152, 640], [860, 0, 1500, 640]]
+    assert (win[:, 2] - win[:, 0] == 640).all() and (win[:, 3] - win[:, 1] == 640).all()
+    assert win[:, 2].max() == 1500 and win[:, 3].max() == 700 and win.min() == 0
+    rows = pa.table({"image_id": [0, 1], "shard": [0, 0], "width": [1500, 300], "height": [700, 200],
+                     "path": ["a", "b"], "key": [b"a", b"b"]})
+    items = expand(rows, TileSettings(640))
+    assert items.column("image_id").to_pylist() == [0] * 7 + [1]  # 6 tiles + the full image; b untiled
+    assert items.column("tile").to_pylist() == [True] * 6 + [False, False]
+    assert items.column("items").to_pylist() == [7] * 7 + [1]
+    assert items.column("width").to_pylist()[6:] == [1500, 300]  # full passes: the whole image
+    assert len(expand(rows, TileSettings(640, full=False))) == 7
+
+
+def test_decode_budget_counts_the_window_decoded_per_image():
+    rows = pa.table({"image_id": [0], "shard": [0], "width": [2000], "height": [640], "path": ["a"], "key": [b"a"]})
+    items = expand(rows, TileSettings(640, overlap=0.0, full=False))  # 4 tiles in a row (the last shifted)
+    # Two adjacent tiles decode one 1280x640 window: a budget of that takes two tiles a batch.
+    p = plan(items, 640, 32, decode_budget=1280 * 640)
+    assert p.batch_sizes().tolist() == [2, 2]
+    region = p.batch(0).tiles.regions(p.batch(0).image_ids, p.batch(0).width, p.batch(0).height)
+    assert region == [(0, [0, 1], (0, 0, 1280, 640))]
+
+
+def test_merge_seam_corner_and_full_pass():
+    s = TileSettings(640)
+    whole = [630, 630, 650, 650]
+    # A box at a tile corner: the tile that holds it whole and three fragments, equal scores,
+    # fragments first. Matching the growing union ends as one box, the whole one.
+    boxes = np.array([[630, 630, 640, 640], [640, 630, 650, 640], [630, 640, 640, 650], whole], np.float32)
+    b, sc, c = merge(boxes, np.ones(4, np.float32), np.zeros(4, np.int16), np.ones(4, bool), s, 100)
+    assert b.tolist() == [whole] and c.tolist() == [0]
+    # The full pass's coarse box matches but does not grow the tile box; the score is the best.
+    boxes = np.array([[100, 100, 120, 118], [97, 98, 123, 121]], np.float32)
+    b, sc, _ = merge(boxes, np.array([0.6, 0.9], np.float32), np.zeros(2, np.int16), np.array([True, False]), s, 100)
+    assert b.tolist() == [[100, 100, 120, 118]] and sc.tolist() == pytest.approx([0.9])
+    # Another class never merges; NMS keeps the best box as it is.
+    b, _, c = merge(boxes, np.array([0.6, 0.9], np.float32), np.array([0, 1], np.int16), np.ones(2, bool), s, 100)
+    assert len(b) == 2
+    nms = TileSettings(640, merge="nms", match="iou")
+    b, sc, _ = merge(boxes, np.array([0.6, 0.9], np.float32), np.zeros(2, np.int16), np.ones(2, bool), nms, 100)
+    assert b.tolist() == [[97, 98, 123, 121]] and sc.tolist() == pytest.approx([0.9])
+
+
+def _square(cls: int, x: int, y: int) -> Rect:
+    return Rect(cls, x, y, x + SIDE, y + SIDE)
+
+
+# (name, upright width, height, format, EXIF orientation, rects): per image one small square
+# inside a tile, one cut by the seam at x = 640 (whole in the second tile), one at the corner
+# (640, 640) where four tiles meet. One class per square: the analytic detector boxes all
+# pixels of a colour in its input, so a colour occurs once an image.
+SPECS = [
+    ("a.jpg", 5000, 3000, "jpeg", 1, [_square(0, 2230, 1400), _square(1, 637, 300), _square(2, 637, 637)]),
+    ("b.png", 4000, 3000, "png", 6, [_square(1, 3000, 2500), _square(2, 636, 1700), _square(0, 1149, 1149)]),
+    ("c.jpg", 3600, 2400, "jpeg", 8, [_square(2, 1800, 200), _square(0, 1150, 900), _square(1, 636, 1150)]),
+    ("d.jpg", 4200, 2800, "jpeg", 3, [_square(0, 3000, 2000), _square(1, 1148, 500), _square(2, 1660, 1660)]),
+    ("small.jpg", 500, 400, "jpeg", 1, [Rect(1, 40, 30, 300, 200)]),  # no larger than a tile: not tiled
+]
+
+
+@pytest.fixture(scope="module")
+def big_dataset(tmp_path_factory, analytic_model):
+    from bulkdet.ingest.pack import pack
+
+    root = tmp_path_factory.mktemp("tiles")
+    (root / "src").mkdir()
+    truth = []
+    for name, w, h, fmt, orientation, rects in SPECS:
+        write_image(root / "src" / name, w, h, rects, fmt=fmt, orientation=orientation, seed=len(truth))
+        truth.append({"path": name, "width": w, "height": h, "rects": [r.as_list() for r in rects]})
+    pack(root / "src", root / "ds", quiet=True)
+    return root / "ds", truth
+
+
+def _found(truth: list[dict], detections: list[dict], within: float = 3.0) -> int:
+    """Truth rectangles with a detection of their class whose corners are all within `within` px."""
+    return sum(any(d["path"] == t["path"] and d["class_id"] == r[0] and
+                   max(abs(a - b) for a, b in zip((d["x1"], d["y1"], d["x2"], d["y2"]), r[1:])) <= within
+                   for d in detections) for t in truth for r in t["rects"])
+
+
+def _detections(run_dir) -> list[dict]:
+    return read_detections(run_dir).to_pylist()
+
+
+# Budgets of eight 640x640 tiles a batch: tiles of two images share the batch at each image's end.
+BATCH = ("--pixel-budget", 8 * 640 * 640, "--max-batch", 8)
+
+
+@pytest.fixture(scope="module")
+def tiled_run(big_dataset, analytic_model, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from bulkdet.cli import app
+
+    out = tmp_path_factory.mktemp("tiled") / "run"
+    r = CliRunner().invoke(app, ["run", str(big_dataset[0]), "--model", str(analytic_model), "--out", str(out),
+                                 *map(str, TILE + BATCH), "-q"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.slow
+def test_tiles_find_small_objects_the_plain_run_misses(big_dataset, tiled_run, analytic_model, cli, tmp_path):
+    dataset, truth = big_dataset
+    images = read_images(tiled_run).to_pylist()
+    assert sorted(r["path"] for r in images) == sorted(t["path"] for t in truth)  # one row per image
+    assert {(r["width"], r["height"]) for r in images} == {(t["width"], t["height"]) for t in truth}
+    # Every square found, once (the seam and corner ones too), within 3 px (the truth's
+    # tolerance at a 640 px image, 2 px here, is tighter): the full pass did not grow them.
+    assert compare_with_truth(truth, _detections(tiled_run), imgsz=max(t["width"] for t in truth)) == []
+
+    plain = tmp_path / "plain"
+    assert cli("run", dataset, "--model", analytic_model, "--out", plain, "-q").exit_code == 0
+    squares = sum(len(t["rects"]) for t in truth[:-1])
+    assert _found(truth[:-1], _detections(tiled_run)) == squares
+    assert _found(truth[:-1], _detections(plain)) < squares // 2  # most of the 12 squares missed
+
+
+@pytest.mark.slow
+def test_tiles_of_several_images_share_batches_and_the_report_counts_them(tiled_run, cli):
+    m = pq.read_table(tiled_run / "metrics.parquet").to_pylist()
+    assert any(r["images"] > 1 and r["tiles"] > 1 for r in m)  # tiles of two images in one batch
+    assert sum(r["images_written"] for r in m) == len(SPECS)
+    expected_tiles = sum(len(windows(w, h, 640, 0.2)) for _, w, h, *_ in SPECS if max(w, h) > 640)
+    assert sum(r["tiles"] for r in m) == expected_tiles
+    assert sum(r["batch_size"] for r in m) == expected_tiles + len(SPECS)  # + one full pass each
+    r = cli("report", tiled_run)
+    assert r.exit_code == 0 and "tiles/s" in r.output
+
+
+def test_tile_options_are_checked_when_parsed(analytic_model, cli, tmp_path):
+    (tmp_path / "ds").mkdir()
+    for bad in (("--tile", 16), ("--tile", -1), ("--tile", 640, "--tile-overlap", 0.95),
+                ("--tile", 640, "--tile-merge", "wbf"), ("--tile", 640, "--tile-match", "giou"),
+                ("--tile", 640, "--tile-match-threshold", 1.5)):
+        r = cli("run", tmp_path / "ds", "--model", analytic_model, "--out", tmp_path / "never", *bad, "-q")
+        assert r.exit_code == 2 and "--tile" in r.output, (bad, r.output)
+        assert "Traceback" not in r.output and not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_tile_settings_are_part_of_the_run_identity(big_dataset, tiled_run, analytic_model, cli):
+    dataset, _ = big_dataset
+    # The same folder with other tile settings (or none) is refused, its results untouched.
+    before = read_detections(tiled_run).to_pylist()
+    for other in (("--tile", 800), ("--tile", 640, "--tile-match", "iou"), ()):
+        r = cli("run", dataset, "--model", analytic_model, "--out", tiled_run, *map(str, other + BATCH), "-q")
+        assert r.exit_code == 2 and "tiles" in r.output, (other, r.output)
+    assert read_detections(tiled_run).to_pylist() == before
+
+
+@pytest.mark.slow
+def test_kill_9_mid_image_then_resume_gives_identical_output(big_dataset, tiled_run, analytic_model, tmp_path):
+    """Killed after the first committed image, while later images have only some tiles done:
+    the parts hold complete images only, and the resumed run equals the uninterrupted one."""
+    dataset, _ = big_dataset
+    out = tmp_path / "run"
+    args = ["run", dataset, "--model", analytic_model, "--out", out, *TILE, *BATCH, "--commit-every", 1, "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for kill_at, committed in (("journal:1", 1), ("images:2", 3)):  # the second resumes the first
+        proc = subprocess.run([sys.executable, "-c", KILL_RUN, *map(str, args)], env={**env, "KILL_AT": kill_at},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        done = read_images(out).to_pylist()
+        assert len(done) == committed  # complete images only: one row each, all its boxes
+        for row in done:
+            assert row["n_det"] == sum(d["image_id"] == row["image_id"] for d in _detections(out))
+    proc = subprocess.run([sys.executable, "-m", "bulkdet", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def canonical(run_dir):
+        dets = sorted(_detections(run_dir), key=lambda d: (d["image_id"], d["class_id"]))
+        return read_images(run_dir).sort_by("image_id").to_pylist(), dets
+
+    assert canonical(out) == canonical(tiled_run)
