@@ -147,11 +147,12 @@ def _fileno(stream) -> int | None:
 
 
 def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint: str = "'--model'",
-                 layout: str | None = None) -> None:
-    """The model (and --names) read before anything is written: a file that is no ONNX detector,
-    or names that do not fit its output, is a bad option value (exit 2), not a failed run.
+                 layout: str | None = None, classes_kept: list[str] | None = None) -> None:
+    """The model (and --names, --classes) read before anything is written: a file that is no ONNX
+    detector, or names that do not fit its output, is a bad option value (exit 2), not a failed run.
     `imgsz`: warn once when it is rounded up to the model's stride (None: not used)."""
-    from bulkdet.model.info import check_names_fit, is_engine_file, load_model_info, model_input_hw, read_names_file
+    from bulkdet.model.info import (UnknownClass, check_names_fit, class_ids, is_engine_file, load_model_info,
+                                    model_input_hw, read_names_file)
 
     if is_engine_file(model):
         return  # read by TensorRT when the run starts (on the GPU)
@@ -166,6 +167,10 @@ def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint:
             check_names_fit(classes, info.outputs, info.end2end, f"class names file {names}")
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--names'") from None
+    try:
+        class_ids(classes_kept, classes)
+    except UnknownClass as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--classes'") from None
     from bulkdet.model.layouts import LayoutError, detect
 
     nc = len(classes)
@@ -275,6 +280,7 @@ def pack_summary_line(s, out: Path, reference: bool = False) -> str:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     dataset_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Dataset made by `bulkdet pack`."),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="Detector (.onnx)."),
     out: Path = typer.Option(..., "--out", help="Run folder (created; an existing one is resumed)."),
@@ -318,6 +324,8 @@ def run(
                                       "detections leave the engine."),
     layout: Optional[Layout] = typer.Option(None, help="The model's output layout, when its outputs do not "
                                             "tell it (see docs/models.md; default: told by the outputs)."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", help="Keep only these classes (names or ids "
+                                                "of the model's; repeat or comma-separate, e.g. person,car)."),
     tile: int = typer.Option(0, min=0, max=TILE_MAX, help="Sliced inference: cut images larger than SIZE "
                              "original pixels into SIZE x SIZE tiles (0: off). See docs/tiling.md."),
     tile_overlap: float = typer.Option(0.2, min=0.0, max=TILE_OVERLAP_MAX, help="Share of a tile its "
@@ -331,11 +339,13 @@ def run(
     tile_match_threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Boxes match above this overlap."),
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
+    from bulkdet.run.model_errors import ModelRunError
     from bulkdet.run.runner import RunConfig, run as do_run
     from bulkdet.run.tiles import TileSettings
     from bulkdet.store.lock import FolderInUse
     from bulkdet.store.run_folder import RunFolderRefused
     from bulkdet.model.layouts import LayoutError
+    from bulkdet.model.info import UnknownClass
 
     if 0 < tile < TILE_MIN:
         raise typer.BadParameter(f"{tile} is below {TILE_MIN} pixels (0 turns tiling off)", param_hint="'--tile'")
@@ -343,7 +353,7 @@ def run(
         raise typer.BadParameter("needs --ray", param_hint="'--ray-address' / '--workers'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
-    _check_model(model, names, imgsz, layout=layout.value if layout else None)
+    _check_model(model, names, imgsz, layout=layout.value if layout else None, classes_kept=classes)
     cfg = RunConfig(dataset_dir, model, out, device=device.value, backend=backend.value, imgsz=imgsz,
                     max_batch=max_batch, conf=conf, iou=iou, max_det=max_det, names=names,
                     precision=precision.value, overwrite=overwrite,
@@ -354,7 +364,7 @@ def run(
                     pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers,
                     layout=layout.value if layout else None,
                     tiles=TileSettings(tile, tile_overlap, tile_full, tile_merge.value, tile_match.value,
-                                       tile_match_threshold))
+                                       tile_match_threshold), classes=classes or None)
     try:
         with _quiet_native_output(quiet):
             if use_ray:
@@ -363,10 +373,13 @@ def run(
                 s = run_on_ray(cfg, ray_address, workers)
             else:
                 s = do_run(cfg)
-    except (RunFolderRefused, FolderInUse, LayoutError) as exc:  # a conflict with --out, or a model no layout fits
+    except (RunFolderRefused, FolderInUse, LayoutError, UnknownClass) as exc:  # a conflict with --out, a model no
+        # layout fits, a --classes a TensorRT engine's names lack
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE)
     except (OSError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, ModelRunError) and ctx.find_root().params.get("debug"):
+            raise  # --debug: where the engine failed, with the traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
     typer.echo(f"{s.images} images ({s.processed} processed now), {s.detections} detections, "

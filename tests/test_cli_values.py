@@ -149,8 +149,7 @@ def test_a_file_that_is_no_onnx_model_is_refused_by_run_and_prepare(cli, dataset
 
 
 @pytest.mark.parametrize("content,expected", [
-    ("red\ngreen\n", "gives 2 class names, but the model's output shape [B, 7, 3] fits no layout for 2 classes; "
-                     "it has 3 (YOLOv8 layout)"),
+    ("red\ngreen\n", "gives 2 class names, fewer than the model's 3 classes: give a name for every class"),
     ("a\nb\nc\nd\n", "gives 4 class names"),
     ("", "holds no names"),
     ("\n  \n", "holds no names"),

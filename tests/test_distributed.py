@@ -225,3 +225,18 @@ def test_resume_shard_removes_only_that_shards_leftovers(tmp_path):
 def test_ray_options_need_ray(tmp_path, analytic_model, cli):
     r = cli("run", tmp_path, "--model", analytic_model, "--out", tmp_path / "run", "--workers", 2)
     assert r.exit_code == 2 and "--ray" in r.output
+
+
+@pytest.mark.slow
+def test_a_model_error_on_a_worker_is_its_one_line(ray_cluster, dataset, analytic_model, tmp_path):
+    """The engine's failure on a Ray worker reaches the driver as the same ModelRunError as a local run."""
+    from test_model_errors import square_only
+
+    from bulkdet.run.distributed import run_on_ray
+    from bulkdet.run.model_errors import ModelRunError
+
+    model = square_only(analytic_model, tmp_path / "square.onnx")
+    with pytest.raises(ModelRunError) as exc:
+        run_on_ray(_cfg(dataset[0], model, tmp_path / "run"), workers=1)
+    assert str(exc.value).startswith("the model square.onnx failed on a batch of shape [") and "\n" not in str(exc.value)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["state"] == "failed"

@@ -315,7 +315,7 @@ def test_decode_detr_two_outputs_takes_every_query_class_pair():
     logits = np.array([[[3.0, 2.0, -5.0]]], np.float32)  # two classes above 0.5 after the sigmoid
     cand = decode("detr", [boxes, logits], (320, 640), ["pred_boxes", "pred_logits"])
     assert not cand.needs_nms and cand.valid is None
-    assert cand.class_ids[0].tolist() == [0, 1, 2]
+    assert cand.classes_of(0, np.arange(3)).tolist() == [0, 1, 2]
     np.testing.assert_allclose(cand.scores[0], 1 / (1 + np.exp(-logits[0, 0])), rtol=1e-6)
     np.testing.assert_allclose(cand.boxes[0, 0], [160, 120, 480, 200])
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from bulkdet.engines.base import InputSlot
-from bulkdet.model.info import ModelInfo, file_sha256, is_engine_file, load_model_info, parse_names
+from bulkdet.model.info import (EXTRA_INPUTS, ExtraInput, ModelInfo, extra_input_values, file_sha256, is_engine_file,
+                                load_model_info, parse_names)
 from bulkdet.store.atomic import write_bytes_atomic, write_json_atomic
 from bulkdet.store.cache import cache_dir as default_cache_dir
 
@@ -135,10 +136,14 @@ def build_engine(onnx_path: Path, profiles: list[Profile], timing_cache: Path) -
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    name = network.get_input(0).name
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    name = next((t.name for t in inputs if len(t.shape) == 4), inputs[0].name)
+    extras = [t.name for t in inputs if t.name != name]  # [B, 2] inputs (model/info.py EXTRA_INPUTS)
     for p in profiles:
         profile = builder.create_optimization_profile()
         profile.set_shape(name, p.min, p.opt, p.max)
+        for extra in extras:  # their batch follows the image's
+            profile.set_shape(extra, (p.min[0], 2), (p.opt[0], 2), (p.max[0], 2))
         config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -180,10 +185,11 @@ class TensorRTEngine:
                                                 onnx_sha256)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if len(inputs) != 1:
-            raise RuntimeError(f"expected one input tensor, the engine has {inputs}")
-        self.input_name = inputs[0]
-        self.output_names = [n for n in names if n != self.input_name]
+        self.input_name = _image_input(self.engine, inputs)
+        # Inputs besides the image (orig_target_sizes, im_shape, scale_factor): fed per batch from
+        # small device buffers; a name bulkdet can't feed is refused as for ONNX (model/info.py).
+        self.extra_inputs = _extra_inputs(trt, self.engine, [n for n in inputs if n != self.input_name])
+        self.output_names = [n for n in names if n not in inputs]
         self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
         self.output_dtypes = [np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in self.output_names]
         self.profiles = engine_profiles(self.engine, self.input_name)
@@ -195,6 +201,8 @@ class TensorRTEngine:
             self.contexts.append(context)
         self.stream.synchronize()
         self.outputs = self._allocate_outputs(cuda)
+        max_batch = max(p.max[0] for p in self.profiles)
+        self.extra_buffers = [cuda.DeviceBuffer(max_batch * 2 * np.dtype(e.dtype).itemsize) for e in self.extra_inputs]
         largest = max(self.profiles, key=lambda p: int(np.prod(p.max))).max
         self.ring = cuda.InputRing(ring_slots, int(np.prod(largest)), self.input_dtype, device_id)
 
@@ -227,6 +235,8 @@ class TensorRTEngine:
         sizes = [0] * len(self.output_names)
         for context, profile in zip(self.contexts, self.profiles):
             context.set_input_shape(self.input_name, profile.max)
+            for extra in self.extra_inputs:
+                context.set_input_shape(extra.name, (profile.max[0], 2))
             for k, name in enumerate(self.output_names):
                 shape = tuple(context.get_tensor_shape(name))
                 if min(shape) < 0:
@@ -259,6 +269,12 @@ class TensorRTEngine:
         context = self.contexts[profile_for(self.profiles, slot.shape)]
         context.set_input_shape(self.input_name, slot.shape)
         context.set_tensor_address(self.input_name, slot.ptr)
+        b, _, h, w = slot.shape
+        values = extra_input_values(self.extra_inputs, b, h, w)  # kept alive until the stream syncs
+        for extra, buf in zip(self.extra_inputs, self.extra_buffers):
+            buf.upload(values[extra.name], self.stream)
+            context.set_input_shape(extra.name, values[extra.name].shape)
+            context.set_tensor_address(extra.name, buf.ptr)
         for name, buf in zip(self.output_names, self.outputs):
             context.set_tensor_address(name, buf.ptr)
         if not context.execute_async_v3(int(self.stream)):
@@ -271,10 +287,29 @@ class TensorRTEngine:
         return results
 
     def close(self) -> None:
-        for buf in self.outputs:
+        for buf in self.outputs + self.extra_buffers:
             buf.free()
         self.ring.close()
         self.stream.close()
+
+
+def _image_input(engine, inputs: list[str]) -> str:
+    """The engine's image input [B, 3, H, W] (its only 4-D input)."""
+    images = [n for n in inputs if len(engine.get_tensor_shape(n)) == 4]
+    if len(images) != 1:
+        raise RuntimeError(f"expected one image input [B, 3, H, W], the engine has inputs {inputs}")
+    return images[0]
+
+
+def _extra_inputs(trt, engine, names: list[str]) -> tuple[ExtraInput, ...]:
+    extras = []
+    for name in names:
+        shape = tuple(int(d) if int(d) > 0 else None for d in engine.get_tensor_shape(name))
+        if name not in EXTRA_INPUTS or len(shape) != 2 or shape[1] not in (None, 2):
+            raise ValueError(f"the engine's input {name} {list(shape)} is not one bulkdet knows how to feed "
+                             f"(it feeds the image [B, 3, H, W] and {', '.join(EXTRA_INPUTS)} [B, 2])")
+        extras.append(ExtraInput(name, np.dtype(trt.nptype(engine.get_tensor_dtype(name))).type, shape))
+    return tuple(extras)
 
 
 def engine_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
@@ -285,7 +320,8 @@ def engine_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
     if engine is None:
         raise RuntimeError(f"{path} does not load in TensorRT {trt.__version__} on this GPU")
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    name = _image_input(engine, inputs)
     dims = [int(d) if int(d) > 0 else None for d in engine.get_tensor_shape(name)]
     outputs = tuple((n, tuple(int(d) if int(d) > 0 else None for d in engine.get_tensor_shape(n)))
                     for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
@@ -297,4 +333,5 @@ def engine_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
                      input_dtype=np.dtype(trt.nptype(engine.get_tensor_dtype(name))).type,
                      batch=dims[0], height=dims[2], width=dims[3], names=classes,
                      stride=int(meta.get("stride", 32)), end2end=bool(meta.get("end2end", False)),
-                     outputs=outputs, layout_hint=meta.get("layout"))
+                     outputs=outputs, layout_hint=meta.get("layout"),
+                     extra_inputs=_extra_inputs(trt, engine, [n for n in inputs if n != name]))

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import yaml
 from google.protobuf.message import DecodeError
 
-from bulkdet.model.layouts import LayoutError, describe, detect
+from bulkdet.model.layouts import LayoutError, class_count, describe, detect
 
 DEFAULT_STRIDE = 32  # pixels per output cell, when the model's metadata does not say
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
@@ -52,10 +53,55 @@ class ModelInfo:
     # Every declared output: (name, dims), None for a dynamic dimension (model/layouts.py reads them).
     outputs: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
     layout_hint: str | None = None  # the layout the metadata names (Ultralytics' RT-DETR: detr)
+    extra_inputs: tuple["ExtraInput", ...] = ()  # inputs besides the image, fed per batch (see EXTRA_INPUTS)
 
     @property
     def fixed_shape(self) -> tuple[int, int] | None:
         return (self.height, self.width) if self.height and self.width else None
+
+
+@dataclass(frozen=True)
+class ExtraInput:
+    """An input besides the image that bulkdet knows how to feed (e.g. RT-DETR's orig_target_sizes)."""
+
+    name: str
+    dtype: type  # numpy dtype the model declares
+    shape: tuple[int | None, ...]
+
+
+# What the extra inputs of common exports mean, as a function of the batch's input (H, W). bulkdet
+# letterboxes and un-letterboxes itself, so each is given the model input's own size: boxes come
+# out in input pixels and the letterbox inverse maps them back (docs/models.md).
+EXTRA_INPUTS = {
+    "orig_target_sizes": lambda h, w: (w, h),  # RT-DETR / D-FINE: boxes scaled by (W, H)
+    "im_shape": lambda h, w: (h, w),  # PaddleDetection: the resized image's (H, W)
+    "scale_factor": lambda h, w: (1.0, 1.0),  # PaddleDetection: (scale_y, scale_x); no resize to undo
+}
+
+
+def extra_input_values(extras, batch: int, height: int, width: int) -> dict[str, np.ndarray]:
+    """The value of each extra input for a batch of `batch` images of input size height x width."""
+    return {e.name: np.tile(np.asarray(EXTRA_INPUTS[e.name](height, width), e.dtype), (batch, 1))
+            for e in extras}
+
+
+def _extra_input(path: Path, value) -> ExtraInput:
+    """An extra (non-image) input bulkdet can feed; ValueError naming it (and what it feeds) if not."""
+    tensor = value.type.tensor_type
+    dims = tuple(_dim(d) for d in tensor.shape.dim)
+    known = ", ".join(f"{name} [B, 2]" for name in EXTRA_INPUTS)
+    if value.name not in EXTRA_INPUTS or len(dims) != 2 or dims[1] not in (None, 2):
+        raise ValueError(f"{path}: its input {value.name} {_shape_text(dims)} is not one bulkdet knows how to "
+                         f"feed (it feeds the image [B, 3, H, W] and {known}): export the model without it")
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).type
+    except (KeyError, ValueError):
+        dtype = np.float32
+    return ExtraInput(value.name, dtype, dims)
+
+
+def _shape_text(dims) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _dim(d) -> int | None:
@@ -63,22 +109,59 @@ def _dim(d) -> int | None:
 
 
 def parse_names(text: str) -> dict[int, str]:
-    """Class names as exporters write them: "{0: 'person', ...}", a JSON list/dict, or lines.
+    """Class names as exporters write them: "{0: 'person', ...}" (Ultralytics' metadata), a JSON
+    list/dict, YAML (an Ultralytics data.yaml's `names`, a PaddleDetection infer_cfg.yml's
+    `label_list`, "0: person" lines, "- person" lines), or plain lines.
 
     ValueError when a dict's keys are not the class ids 0..N-1."""
     text = text.strip()
     if not text:
         return {}
-    for parse in (ast.literal_eval, json.loads):
+    for parse in (ast.literal_eval, json.loads, _yaml):
         try:
             value = parse(text)
-        except (ValueError, SyntaxError, RecursionError):
+        except (ValueError, SyntaxError, RecursionError, yaml.YAMLError):
             continue
+        if isinstance(value, dict) and not all(isinstance(k, int) for k in value):
+            value = next((value[k] for k in NAMES_KEYS if isinstance(value.get(k), (dict, list))), value)
         if isinstance(value, dict):
             return _names_by_id(value)
         if isinstance(value, (list, tuple)):
             return dict(enumerate(map(str, value)))
     return dict(enumerate(line.strip() for line in text.splitlines() if line.strip()))
+
+
+NAMES_KEYS = ("names", "label_list")  # where a YAML file keeps the class names (Ultralytics, PaddleDetection)
+
+
+def _yaml(text: str):
+    """YAML that holds names: a mapping or a list (a plain lines file reads as one string: not taken)."""
+    value = yaml.safe_load(text)
+    if not isinstance(value, (dict, list)):
+        raise ValueError("no names in YAML form")
+    return value
+
+
+class UnknownClass(ValueError):
+    """`--classes` names a class the model does not have: a usage error (exit 2)."""
+
+
+def class_ids(classes: list[str] | None, names: dict[int, str], whose: str = "the model's") -> list[int] | None:
+    """Class ids for the names or ids a user gives ("0,2", "person,car"; None or empty: all classes).
+    UnknownClass naming the known ones for a name or id not among `names`."""
+    if not classes:
+        return None
+    by_name = {v: k for k, v in names.items()}
+    ids = []
+    for c in (c.strip() for item in classes for c in str(item).split(",")):
+        if c in by_name:
+            ids.append(by_name[c])
+        elif c.isdigit() and (int(c) in names or not names):
+            ids.append(int(c))
+        elif c:
+            known = ", ".join(f"{k}={v}" for k, v in sorted(names.items())) or "none named (give ids, or --names)"
+            raise UnknownClass(f"unknown class {c!r}; {whose} classes are: {known}")
+    return sorted(set(ids)) or None
 
 
 def _names_by_id(value: dict) -> dict[int, str]:
@@ -130,9 +213,13 @@ def check_names_fit(names: dict[int, str], outputs, end2end: bool, source: str) 
     except LayoutError:
         pass
     try:
-        detect(outputs, None, end2end)
+        layout = detect(outputs, None, end2end)
     except LayoutError:
         return  # no layout fits these outputs whatever the names: the layout's error says so
+    nc = class_count(outputs, layout)
+    if nc and len(names) < nc:  # the common mistake: a names file of another (smaller) dataset
+        raise ValueError(f"{source} gives {len(names)} class names, fewer than the model's {nc} classes: "
+                         f"give a name for every class the model has, in the order it was trained with")
     dims = outputs[0][1]
     if len(outputs) == 1 and len(dims) == 3:
         a, b = dims[1:]
@@ -151,15 +238,25 @@ def layout_hint(meta: dict[str, str]) -> str | None:
     return "detr" if "rtdetr" in description or "rt-detr" in description else None
 
 
+def split_inputs(model: onnx.ModelProto, path: Path):
+    """(the image input's ValueInfo, the extra inputs bulkdet feeds); ValueError naming an input it can't."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    images = [i for i in inputs if len(i.type.tensor_type.shape.dim) == 4] or inputs[:1]
+    if not images:
+        raise ValueError(f"{path}: the model has no input; expected an image input [B, 3, H, W]")
+    if len(images) > 1:
+        raise ValueError(f"{path}: expected one image input [B, 3, H, W], found {[i.name for i in images]}")
+    image = images[0]
+    return image, tuple(_extra_input(path, i) for i in inputs if i is not image)
+
+
 def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
     path = Path(path)
     model = read_onnx(path)
     meta = model_metadata(model)
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise ValueError(f"{path}: expected one image input, found {[i.name for i in inputs]}")
-    tensor = inputs[0].type.tensor_type
+    image, extra_inputs = split_inputs(model, path)
+    tensor = image.type.tensor_type
     dims = [_dim(d) for d in tensor.shape.dim]
     if len(dims) != 4 or (dims[1] is not None and dims[1] != 3):
         raise ValueError(f"{path}: input must be [B,3,H,W], got {dims}")
@@ -176,10 +273,10 @@ def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
             raise ValueError(f"{path}: class names in its metadata: {exc}; give them with --names") from None
     check_names_fit(names, outputs, end2end, source)
     return ModelInfo(
-        path=path, sha256=file_sha256(path), input_name=inputs[0].name,
+        path=path, sha256=file_sha256(path), input_name=image.name,
         input_dtype=_ONNX_DTYPES[tensor.elem_type], batch=dims[0], height=dims[2], width=dims[3],
         names=names, stride=_stride(meta.get("stride"), path),
-        end2end=end2end, outputs=outputs, layout_hint=layout_hint(meta),
+        end2end=end2end, outputs=outputs, layout_hint=layout_hint(meta), extra_inputs=extra_inputs,
     )
 
 

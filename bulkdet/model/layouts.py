@@ -11,7 +11,8 @@ One home for every layout (docs/models.md):
 - `boxes-scores` two outputs: boxes [B, N, 4] x1, y1, x2, y2 in input pixels and scores [B, N, nc]
             in either order (DAMO-YOLO, YOLO-NAS, PP-YOLOE without NMS)
 - `nms4`    four outputs: num_dets [B, 1], boxes [B, K, 4] x1, y1, x2, y2, scores [B, K], classes [B, K]
-            (EfficientNMS-style end-to-end exports)
+            (EfficientNMS-style end-to-end exports), or the three last (labels, boxes, scores: RT-DETR
+            and D-FINE exported with their post-processor and its orig_target_sizes input)
 
 `detect` tells the layout from the outputs' names and shapes (None where a dimension is dynamic);
 `decode` turns one batch of outputs into `Candidates` in input pixels, for run/postprocess.py.
@@ -41,13 +42,26 @@ class Candidates:
 
     boxes [B, N, 4] x1, y1, x2, y2 in input pixels; scores [B, N]; class_ids [B, N];
     `valid`: per image, how many leading rows count (nms4's num_dets), None: all.
+    `per_box` > 1: every (box, class) pair is a candidate (multi-label, as D-FINE's top-k and
+    YOLO-NAS / PP-YOLOE's multiclass NMS): scores [B, N * nc], candidate k is box k // nc of class
+    k % nc, class_ids None (never a [B, N * nc] copy of the boxes).
     """
 
     boxes: np.ndarray
     scores: np.ndarray
-    class_ids: np.ndarray
+    class_ids: np.ndarray | None
     valid: np.ndarray | None
     needs_nms: bool
+    per_box: int = 1
+
+    def classes_of(self, i: int, keep: np.ndarray) -> np.ndarray:
+        """The class ids of image i's candidates `keep` (indices into scores[i])."""
+        return self.class_ids[i][keep] if self.per_box == 1 else keep % self.per_box
+
+    def take(self, i: int, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes, scores and class ids of image i's candidates `keep`."""
+        boxes = self.boxes[i][keep if self.per_box == 1 else keep // self.per_box]
+        return boxes, self.scores[i][keep], self.classes_of(i, keep)
 
 
 def describe(outputs: list[Output]) -> str:
@@ -77,7 +91,7 @@ def detect(outputs: list[Output], nc: int | None, end2end: bool = False, overrid
         layout = _one_output(outputs[0][1], nc, end2end)
     elif n == 2 and all(len(shape) == 3 for _, shape in outputs):
         layout = _two_outputs(outputs, nc, values)
-    elif n == 4:
+    elif n in (3, 4):
         layout = "nms4" if _fits("nms4", outputs, nc) is not False else False
     else:
         layout = False
@@ -107,7 +121,8 @@ def nothing_fits(outputs: list[Output], nc: int | None) -> str:
 _EXPECTED = {
     "yolov8": "[B, 4+nc, N]", "yolov5": "[B, N, 5+nc]", "end2end": "[B, K, 6]",
     "detr": "[B, Q, 4+nc] or [B, Q, 4] + [B, Q, nc]",
-    "boxes-scores": "[B, N, 4] + [B, N, nc]", "nms4": "[B, 1] + [B, K, 4] + [B, K] + [B, K]",
+    "boxes-scores": "[B, N, 4] + [B, N, nc]",
+    "nms4": "[B, 1] + [B, K, 4] + [B, K] + [B, K] (or labels + boxes + scores)",
 }
 
 
@@ -181,14 +196,21 @@ def box_score_roles(outputs: list[Output], nc: int | None):
     return (boxes, scores)
 
 
-def nms4_roles(outputs: list[Output]) -> tuple[int, int, int, int] | None:
+def nms4_roles(outputs: list[Output]) -> tuple[int | None, int, int, int] | None:
     """Indices of (num_dets, boxes, scores, classes) by name, else by rank (declared order for the two
-    [B, K] outputs: scores first, as EfficientNMS); None when they can't be told."""
+    [B, K] outputs: scores first, as EfficientNMS); None when they can't be told. Three outputs
+    (RT-DETR / D-FINE exported with their post-processor: labels, boxes, scores) have no num_dets
+    (None: every row counts) and are told by name only."""
     keys = (("num",), ("box",), ("score", "conf"), ("class", "label", "cls"))
     by_name = []
     for words in keys:
         hits = [i for i, (name, _) in enumerate(outputs) if any(w in name.lower() for w in words)]
         by_name.append(hits[0] if len(hits) == 1 else None)
+    if len(outputs) == 3:
+        roles = by_name[1:]
+        ok = None not in roles and len(set(roles)) == 3 and len(outputs[roles[0]][1]) == 3 \
+            and all(len(outputs[i][1]) == 2 for i in roles[1:])
+        return (None, *roles) if ok else None
     if None not in by_name and len(set(by_name)) == 4:
         return tuple(by_name)
     boxes = [i for i, (_, s) in enumerate(outputs) if len(s) == 3]
@@ -199,12 +221,25 @@ def nms4_roles(outputs: list[Output]) -> tuple[int, int, int, int] | None:
     return (num[0], boxes[0], pairs[0], pairs[1])
 
 
+def class_count(outputs: list[Output], layout: str | None) -> int | None:
+    """How many classes a model with these outputs in `layout` has (None: its shapes don't say)."""
+    shapes = [tuple(shape) for _, shape in outputs]
+    if len(shapes) == 2 and all(len(shape) == 3 for shape in shapes):  # detr / boxes-scores: the scores' last dim
+        roles = box_score_roles(outputs, None)
+        return shapes[roles[1]][2] if roles else None
+    if len(shapes) != 1 or len(shapes[0]) != 3:
+        return None  # end2end, nms4: the class ids are values, not a dimension
+    _, a, b = shapes[0]
+    dim, extra = {"yolov8": (a, 4), "yolov5": (b, 5), "detr": (b, 4)}.get(layout, (None, 0))
+    return dim - extra if dim else None
+
+
 def _fits(layout: str, outputs: list[Output], nc: int | None):
     """Do the shapes fit `layout`? True, False, or None (a dynamic dimension hides it)."""
     shapes = [shape for _, shape in outputs]
     if layout == "nms4":
         roles = nms4_roles(outputs)
-        if len(outputs) != 4 or roles is None or shapes[roles[1]][-1] not in (4, None):
+        if len(outputs) not in (3, 4) or roles is None or shapes[roles[1]][-1] not in (4, None):
             return False
         return True
     if layout in ("boxes-scores", "detr") and len(outputs) == 2:
@@ -229,24 +264,23 @@ def decode(layout: str, outputs: list[np.ndarray], input_hw: tuple[int, int],
     """One batch of a model's outputs (in the model's order; `names` its output names) as candidates."""
     specs = [(names[i] if names else f"output{i}", tuple(o.shape)) for i, o in enumerate(outputs)]
     if layout == "nms4":
-        num, boxes, scores, classes = (outputs[i] for i in nms4_roles(specs))
-        valid = np.asarray(num).reshape(len(boxes), -1)[:, 0].astype(np.int64)
+        num, boxes, scores, classes = (None if i is None else outputs[i] for i in nms4_roles(specs))
+        valid = None if num is None else np.asarray(num).reshape(len(boxes), -1)[:, 0].astype(np.int64)
         return Candidates(_f32(boxes), _f32(scores), np.asarray(classes).astype(np.int64), valid, False)
     if len(outputs) == 2:
         roles = box_score_roles(specs, None)
         if not roles:
             raise LayoutError(f"the model's outputs {describe(specs)} do not fit layout {layout}")
         boxes, scores = _f32(outputs[roles[0]]), _f32(outputs[roles[1]])
-        if layout == "boxes-scores":
-            return _best_class(boxes, scores, True)
+        b, n, nc = scores.shape
+        if layout == "boxes-scores":  # every (box, class) pair above --conf, NMS per class (multiclass NMS)
+            return Candidates(boxes, scores.reshape(b, n * nc), None, None, True, per_box=nc)
         if layout != "detr":
             raise LayoutError(f"layout {layout} has one output, the model has {describe(specs)}")
         if scores.size and (scores.min() < 0 or scores.max() > 1):  # logits
             scores = 1 / (1 + np.exp(-scores))
         # Every (query, class) pair is a candidate (D-FINE, RF-DETR): the top ones are kept downstream.
-        b, q, nc = scores.shape
-        xyxy = np.repeat(_xyxy(boxes * _scale(input_hw)), nc, axis=1)
-        return Candidates(xyxy, scores.reshape(b, q * nc), np.tile(np.arange(nc), (b, q)), None, False)
+        return Candidates(_xyxy(boxes * _scale(input_hw)), scores.reshape(b, n * nc), None, None, False, per_box=nc)
     if len(outputs) != 1:
         raise LayoutError(f"layout {layout} has one output, the model has {describe(specs)}")
     output = _f32(outputs[0])

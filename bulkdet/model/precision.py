@@ -38,7 +38,8 @@ import pyarrow.compute as pc
 
 from bulkdet.choices import Int8Target, Precision
 from bulkdet.model.graph_nms import NMS_VERSION, add_nms
-from bulkdet.model.info import file_sha256, is_engine_file, load_model_info, model_input_hw, model_metadata, read_onnx
+from bulkdet.model.info import (extra_input_values, file_sha256, is_engine_file, load_model_info, model_input_hw,
+                                model_metadata, read_onnx, split_inputs)
 from bulkdet.store.atomic import commit, copy_atomic, write_json_atomic
 from bulkdet.store.cache import cache_dir
 
@@ -263,8 +264,8 @@ def calibration_sample(calibration: Calibration, model_path: Path) -> Calibratio
 class _FeedReader:
     """ONNX Runtime's calibration reader over the caller's decoded batches."""
 
-    def __init__(self, batches: Iterator[np.ndarray], input_name: str):
-        self.batches, self.input_name = batches, input_name
+    def __init__(self, batches: Iterator[np.ndarray], input_name: str, extra_inputs=()):
+        self.batches, self.input_name, self.extra_inputs = batches, input_name, extra_inputs
         self.images = 0
 
     def get_next(self) -> dict | None:
@@ -272,7 +273,8 @@ class _FeedReader:
         if batch is None:
             return None
         self.images += len(batch)
-        return {self.input_name: batch}
+        b, _, h, w = batch.shape  # the extra inputs (orig_target_sizes, ...) as a run feeds them
+        return {self.input_name: batch, **extra_input_values(self.extra_inputs, b, h, w)}
 
 
 def float_tail_nodes(graph: onnx.GraphProto) -> list[str]:
@@ -310,7 +312,8 @@ def quantize_int8(source: Path, out: Path, sample: CalibrationSample, feed: Cali
     if feed is None:
         raise ValueError("INT8 calibration needs its images decoded: Calibration(feed=...) "
                          "(bulkdet.run.calibration.decoded_batches)")
-    reader = _FeedReader(iter(feed(sample)), _input_name(model))
+    image, extras = split_inputs(model, source)
+    reader = _FeedReader(iter(feed(sample)), image.name, extras)
     scheme = INT8_SCHEMES[sample.target]
     quantize_static(
         str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
@@ -321,11 +324,6 @@ def quantize_int8(source: Path, out: Path, sample: CalibrationSample, feed: Cali
     if reader.images == 0:
         raise ValueError(f"{sample.dataset}: none of the calibration images could be decoded")
     log.info("INT8 calibrated on %d images at %s", reader.images, sample.input_hw)
-
-
-def _input_name(model: onnx.ModelProto) -> str:
-    initializers = {i.name for i in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in initializers)
 
 
 # ----------------------------------------------------------------------------------- common

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from bulkdet.model.info import UnknownClass, class_ids
 from bulkdet.store.parts import read_run_json
 
 
@@ -31,18 +32,7 @@ class RunInfo:
 
     def class_ids(self, classes: list[str] | None) -> list[int] | None:
         """Class ids for names or ids given by the user (None: all). Unknown ones raise UsageError."""
-        if not classes:
-            return None
-        by_name = {v: k for k, v in self.names.items()}
-        ids = []
-        for c in (c.strip() for item in classes for c in item.split(",")):
-            if c in by_name:
-                ids.append(by_name[c])
-            elif c.isdigit() and (int(c) in self.names or not self.names):
-                ids.append(int(c))
-            elif c:
-                known = ", ".join(f"{k}={v}" for k, v in sorted(self.names.items()))
-                raise UsageError(f"unknown class {c!r}; the run's classes are: {known}")
-        return sorted(set(ids))
-
-
+        try:
+            return class_ids(classes, self.names, "the run's")
+        except UnknownClass as exc:
+            raise UsageError(str(exc)) from None

@@ -31,6 +31,7 @@ from bulkdet.system.devices import select as select_device
 from bulkdet.run.metrics import MetricsRecorder
 from bulkdet.model.info import ModelInfo
 from bulkdet.run.progress import Progress
+from bulkdet.run.model_errors import ModelRunError
 from bulkdet.run.runner import (ExecResult, RunConfig, RunJob, RunSummary, ShardProcessor, pa_array, run,
                                 run_stages)
 from bulkdet.store.run_folder import RunFolder
@@ -194,7 +195,7 @@ def _schedule(ray, pool: _Pool, shards: dict[int, pa.Table], metadata: dict, pro
     the run goes on gets used, and one worker that cannot start does not stop the others.
     Returns the shards that finished in a restarted worker (redone after a worker died).
     """
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
 
     todo = deque(sorted(shards))
     total = {s: len(t) for s, t in shards.items()}
@@ -231,6 +232,10 @@ def _schedule(ray, pool: _Pool, shards: dict[int, pa.Table], metadata: dict, pro
             except RayActorError:
                 raise RuntimeError(f"shard {shard}: its worker died {MAX_RESTARTS + 1} times; committed "
                                    "parts are kept, run the same command again to resume") from None
+            except RayTaskError as exc:
+                if isinstance(exc.cause, ModelRunError):  # the model failed in the engine: its one line
+                    raise exc.cause from None
+                raise
             if result["pid"] != pid:  # the worker died and Ray redid the shard in a new process
                 redone.add(shard)
                 pool.info[i] = {**pool.info[i], "pid": result["pid"], "host": result["host"]}

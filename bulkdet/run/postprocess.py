@@ -67,11 +67,13 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 
 
 def postprocess(outputs: list[np.ndarray], batch: Batch, layout: str, conf: float, iou: float,
-                max_det: int, output_names: list[str] | None = None) -> list[Detections]:
+                max_det: int, output_names: list[str] | None = None,
+                classes: list[int] | None = None) -> list[Detections]:
     """All of one batch's model outputs (batch-major, padding rows already dropped) in `layout`
-    (model/layouts.py) -> detections per image in upright original pixels."""
+    (model/layouts.py) -> detections per image in upright original pixels. `classes`: keep only
+    these class ids (`run --classes`), chosen before NMS and the top-k so other classes take no place."""
     cand = decode(layout, outputs, batch.input_hw, output_names)
-    boxes, scores, class_ids = cand.boxes, cand.scores, cand.class_ids
+    scores = cand.scores
     scale_x, scale_y = batch.letterbox.scale(batch.width, batch.height)
     results = []
     for i in range(len(batch)):
@@ -80,9 +82,11 @@ def postprocess(outputs: list[np.ndarray], batch: Batch, layout: str, conf: floa
             continue
         rows = scores[i] if cand.valid is None else scores[i][:max(int(cand.valid[i]), 0)]
         keep = np.flatnonzero(rows > conf)
+        if classes is not None:
+            keep = keep[np.isin(cand.classes_of(i, keep), classes)]
         if keep.size > MAX_NMS_CANDIDATES:
             keep = keep[np.argsort(scores[i][keep])[::-1][:MAX_NMS_CANDIDATES]]
-        b, s, c = boxes[i][keep], scores[i][keep], class_ids[i][keep]
+        b, s, c = cand.take(i, keep)
         if cand.needs_nms and len(s):
             kept = nms(b + (c * _CLASS_OFFSET)[:, None], s, iou)
             b, s, c = b[kept], s[kept], c[kept]

@@ -28,12 +28,13 @@ import pyarrow.compute as pc
 from bulkdet import __version__
 from bulkdet.engines import create_engine, model_info
 from bulkdet.engines.base import fixed_batch
-from bulkdet.model.info import ModelInfo, model_input_hw
+from bulkdet.model.info import ModelInfo, class_ids, model_input_hw
 from bulkdet.model.layouts import LayoutError, detect, detect_batch
 from bulkdet.model.precision import DEFAULT_CALIB_IMAGES, ModelFile, model_for_run, with_nms
 from bulkdet.run.calibration import decoded_batches
 from bulkdet.run.decode import Decoder
 from bulkdet.run.metrics import STAGES, BatchTimes, MetricsRecorder
+from bulkdet.run.model_errors import model_load_error, model_run_error
 from bulkdet.run.oom import HalvingInfer
 from bulkdet.run.pipeline import QUEUE_SIZE, Stage, StagePipeline
 from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, input_shapes, plan
@@ -81,6 +82,7 @@ class RunConfig:
     infer_workers: int | None = None  # batches inferred at once (None: default_threads)
     layout: str | None = None  # the model's output layout (model/layouts.py); None: told by its outputs
     tiles: TileSettings = field(default_factory=TileSettings)  # --tile: sliced inference (run/tiles.py)
+    classes: list[str] | None = None  # keep only these classes (names or ids; None: all)
 
 
 @dataclass
@@ -169,7 +171,8 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
     identity = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                 "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names,
                 "dataset_id": dataset_id(cfg.dataset), "tiles": cfg.tiles.identity(),
-                **({"layout": cfg.layout} if cfg.layout else {})}
+                **({"layout": cfg.layout} if cfg.layout else {}),
+                **({"classes": kept} if (kept := class_ids(cfg.classes, model.names)) else {})}
     run_id = uuid.uuid4().hex[:12]
     metadata = {"bulkdet.run_id": run_id, "bulkdet.version": __version__, "model_sha256": model.sha256,
                 "conf": cfg.conf, "iou": cfg.iou, "imgsz": cfg.imgsz, "precision": cfg.precision}
@@ -277,8 +280,13 @@ class ShardProcessor:
         # GPU input buffers in use at once: the decoder's, those queued for inference, the workers'.
         ring_slots = 1 + QUEUE_SIZE + self.infer_workers
         # model.path: the prepared file (fp16/int8/NMS) when --precision or --nms-in-model made one.
-        self.engine = create_engine(backend, model.path, device=device, threads=infer_threads,
-                                    shapes=self.shapes, cache_dir=cfg.cache_dir, ring_slots=ring_slots)
+        try:
+            self.engine = create_engine(backend, model.path, device=device, threads=infer_threads,
+                                        shapes=self.shapes, cache_dir=cfg.cache_dir, ring_slots=ring_slots)
+        except (ValueError, RuntimeError):
+            raise  # bulkdet's own, already saying what to do
+        except Exception as exc:  # the engine's (e.g. ONNX Runtime's NotImplemented for an op it lacks)
+            raise model_load_error(cfg.model, backend, exc, cfg.precision) from exc
         self.decoder = Decoder(device, self.max_batch, dali_threads, out_dtype=self.engine.input_dtype,
                                hw_decoder_load=cfg.hw_decoder_load,
                                decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
@@ -288,6 +296,7 @@ class ShardProcessor:
         self.infer = HalvingInfer(fixed_batch(self.engine.infer, model.batch))
         self.output_names = [name for name, _ in model.outputs] or None
         self.layout = start_layout(cfg, model)  # None: told at the first batch
+        self.class_ids = class_ids(cfg.classes, model.names)  # --classes: only these kept (None: all)
         self._layout_lock = threading.Lock()
 
     def layout_for(self, outputs: list[np.ndarray]) -> str:
@@ -346,13 +355,16 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
     def infer(work: _Work):
         try:
             work.outputs = processor.infer(work.decoded.tensor)
+        except Exception as exc:  # the model failed in the engine: one line (model, batch shape, cause)
+            shape = (len(work.batch), 3, *work.batch.input_hw)
+            raise model_run_error(cfg.model, shape, exc, cfg.precision) from exc
         finally:
             engine.release(work.decoded.tensor)  # GPU: the input buffer goes back to the ring
             work.decoded.tensor = None
 
     def post(work: _Work):
         work.detections = postprocess(work.outputs, work.batch, processor.layout_for(work.outputs), cfg.conf,
-                                      cfg.iou, cfg.max_det, processor.output_names)
+                                      cfg.iou, cfg.max_det, processor.output_names, processor.class_ids)
         work.outputs = None
 
     def write(work: _Work):
