@@ -1,4 +1,5 @@
-"""DALI letterbox pipeline: encoded bytes -> upright, resized, padded, normalised CHW tensor.
+"""DALI letterbox pipeline: encoded bytes -> upright, resized, padded, normalised CHW tensor;
+and the crop pipeline of `bulkdet crops`: encoded bytes -> upright pixel regions.
 
 One graph for both devices: `cpu` decodes on the host, `gpu` uses DALI's "mixed" decoder
 (nvJPEG / hardware decoder) and keeps everything after it on the GPU.
@@ -50,6 +51,19 @@ def _letterbox_graph(decoder_device: str, out_dtype, hw_decoder_load: float | No
     return fn.crop_mirror_normalize(images, crop=crop_hw, crop_pos_x=crop_pos_x, crop_pos_y=crop_pos_y,
                                     out_of_bounds_policy="pad", fill_values=[PAD_VALUE / 255.0],
                                     dtype=out_dtype, output_layout="CHW", mean=[0.0], std=[255.0])
+
+
+@pipeline_def
+def _crop_graph(decoder_device: str):
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)  # (x, y)
+    shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)  # (width, height)
+    # The run's decoder with a region of interest: the same upright pixels (EXIF orientation
+    # applied, the region in upright coordinates; equal to cutting the full decode, tested),
+    # but a JPEG decodes only the rows and columns the region needs; on the GPU the region
+    # is cut there and only it comes back.
+    return fn.decoders.image_slice(encoded, anchor, shape, device=decoder_device, output_type=types.RGB,
+                                   normalized_anchor=False, normalized_shape=False, axis_names="WH")
 
 
 def _crop_pos(offset: int, padding: int) -> np.ndarray:
@@ -106,20 +120,21 @@ class Decoder:
         # DALI batch can crash the process (seen with DALI 2.4), not just fail the batch.
         errors = {i: msg for i, data in enumerate(encoded) if (msg := _parse_error(data)) is not None}
         idx = [i for i in range(len(batch)) if i not in errors]
+        error = None
         if not errors:
             try:
                 return DecodedBatch(batch, self._to_output(self._run(encoded, batch, idx)))
             except RuntimeError as exc:
-                self.pipe = self._build()  # a pipeline that raised is not reused
+                self._rebuild()
                 error = exc
         # Some image is bad: isolate it so that a bad image costs only its own row. This rare
         # path assembles the batch on the host.
         h, w = batch.input_hw
         tensor = np.full((len(batch), 3, h, w), PAD_VALUE / 255.0, dtype=self.out_dtype)
-        if errors:
-            self._decode_group(encoded, batch, idx, tensor, errors)
-        else:
-            self._isolate(encoded, batch, idx, error, tensor, errors)
+
+        def decode_group(group: list[int]) -> None:
+            tensor[group] = _to_host(self._run(encoded, batch, group))
+        decode_isolating(decode_group, idx, errors, self._rebuild, None if errors else error)
         # What DALI rejects gets a second chance on the CPU decoder (e.g. GIF).
         fallback = []
         for i in sorted(errors):
@@ -132,40 +147,126 @@ class Decoder:
                 del errors[i]
         return DecodedBatch(batch, tensor, errors, fallback)
 
-    def _decode_group(self, encoded: list[bytes], batch: Batch, idx: list[int], tensor: np.ndarray,
-                      errors: dict[int, str]) -> None:
-        """Decode `idx` into `tensor`; on failure, isolate the bad images of the group."""
-        if not idx:
-            return
-        try:
-            tensor[idx] = _to_host(self._run(encoded, batch, idx))
-        except RuntimeError as exc:
-            self.pipe = self._build()
-            self._isolate(encoded, batch, idx, exc, tensor, errors)
-
-    def _isolate(self, encoded: list[bytes], batch: Batch, idx: list[int], error: RuntimeError,
-                 tensor: np.ndarray, errors: dict[int, str]) -> None:
-        """`idx` failed with `error`: record its bad images in `errors`, decode the rest into `tensor`.
-
-        When DALI names the sample that failed ("Failed to decode sample #k", a corrupt image),
-        the others are decoded again together; otherwise the group is bisected, so the good
-        images still decode in parallel groups.
-        """
-        if len(idx) == 1:
-            errors[idx[0]] = _dali_message(error)
-            return
-        named = re.search(r"Failed to decode sample #(\d+)", str(error))
-        if named and int(named.group(1)) < len(idx):
-            bad = idx[int(named.group(1))]
-            errors[bad] = _dali_message(error)
-            groups = [[i for i in idx if i != bad]]
-        else:
-            groups = [idx[:len(idx) // 2], idx[len(idx) // 2:]]
-        for group in groups:
-            self._decode_group(encoded, batch, group, tensor, errors)
+    def _rebuild(self) -> None:
+        self.pipe = self._build()  # a pipeline that raised is not reused
 
     def _to_output(self, tensor):
         return np.array(tensor) if self.device == "cpu" else tensor
+
+
+class CropDecoder:
+    """Cuts pixel regions out of encoded images, upright as the run's `Decoder` sees them.
+
+    Samples are (bytes, region) pairs, several per image when an image has several crops (the
+    bytes are passed again, not copied: each sample decodes only its region). Batched by
+    `max_batch` samples, so memory holds at most that many crops. What DALI rejects falls back
+    to Pillow (`pillow_upright`), one decode per image; an image neither reads is an error for
+    its samples only.
+    """
+
+    def __init__(self, device: str = "cpu", max_batch: int = 64, num_threads: int | None = None,
+                 device_id: int = 0):
+        self.device = device
+        self.max_batch = max_batch
+        self.num_threads = num_threads or max(1, os.cpu_count() or 1)
+        self.device_id = device_id
+        self.pipe = self._build()
+
+    def _build(self):
+        pipe = _crop_graph(decoder_device="mixed" if self.device == "gpu" else "cpu",
+                           batch_size=self.max_batch, num_threads=self.num_threads,
+                           device_id=self.device_id if self.device == "gpu" else None,
+                           prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        pipe.build()
+        return pipe
+
+    def _rebuild(self) -> None:
+        self.pipe = self._build()  # a pipeline that raised is not reused
+
+    def cut(self, encoded: list[bytes], regions: np.ndarray) -> tuple[list[np.ndarray | None], dict[int, str]]:
+        """Sample i is `encoded[i]` cut at `regions[i]` = (x1, y1, x2, y2), x2 and y2 exclusive:
+        an [h, w, 3] uint8 array; None for the samples in the returned errors (index -> message)."""
+        regions = np.asarray(regions, np.int64).reshape(-1, 4)
+        crops: list[np.ndarray | None] = [None] * len(encoded)
+        parse = {}  # by image (the same bytes object for its samples): parsed once
+        errors = {}
+        for i, data in enumerate(encoded):
+            if id(data) not in parse:
+                parse[id(data)] = _parse_error(data)
+            if parse[id(data)] is not None:
+                errors[i] = parse[id(data)]
+
+        def decode_group(group: list[int]) -> None:
+            self.pipe.feed_input("encoded", [np.frombuffer(encoded[i], np.uint8) for i in group])
+            self.pipe.feed_input("anchor", [regions[i, :2].astype(np.int32) for i in group])
+            self.pipe.feed_input("shape", [(regions[i, 2:] - regions[i, :2]).astype(np.int32) for i in group])
+            (out,) = self.pipe.run()
+            out = out.as_cpu() if self.device == "gpu" else out
+            for k, i in enumerate(group):
+                crops[i] = np.array(out.at(k))
+
+        good = [i for i in range(len(encoded)) if i not in errors]
+        for start in range(0, len(good), self.max_batch):
+            decode_isolating(decode_group, good[start:start + self.max_batch], errors, self._rebuild)
+        self._fallback(encoded, regions, crops, errors)
+        return crops, errors
+
+    @staticmethod
+    def _fallback(encoded: list[bytes], regions: np.ndarray, crops: list, errors: dict[int, str]) -> None:
+        """What DALI rejected, decoded by Pillow: each image once for all its samples."""
+        by_image: dict[int, list[int]] = {}
+        for i in sorted(errors):
+            by_image.setdefault(id(encoded[i]), []).append(i)
+        for idx in by_image.values():
+            try:
+                image = np.asarray(pillow_upright(encoded[idx[0]]))
+                message = None
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
+                message = _pillow_message(exc)
+            for i in idx:
+                x1, y1, x2, y2 = (int(v) for v in regions[i])
+                why = message
+                if why is None and not (0 <= x1 < x2 <= image.shape[1] and 0 <= y1 < y2 <= image.shape[0]):
+                    why = f"region {(x1, y1, x2, y2)} is outside the {image.shape[1]}x{image.shape[0]} image"
+                if why is None:
+                    crops[i] = image[y1:y2, x1:x2]
+                    del errors[i]
+                else:
+                    errors[i] = f"dali: {errors[i]}; pillow: {why}"[:500]
+
+
+def decode_isolating(decode_group, idx: list[int], errors: dict[int, str], rebuild,
+                     error: RuntimeError | None = None) -> None:
+    """Decode the samples `idx` with `decode_group(group)`, which stores what it decodes and raises
+    RuntimeError when DALI rejects the group; `rebuild()` replaces the pipeline after a failure.
+    The bad samples end in `errors` (index -> message), the rest are decoded. `error`: the
+    failure of `idx` as a whole, when already tried.
+
+    When DALI names the sample that failed ("Failed to decode sample #k", a corrupt image),
+    the others are decoded again together; otherwise the group is bisected, so the good
+    images still decode in parallel groups.
+    """
+    if not idx:
+        return
+    if error is None:
+        try:
+            decode_group(idx)
+            return
+        except RuntimeError as exc:
+            rebuild()
+            error = exc
+    if len(idx) == 1:
+        errors[idx[0]] = _dali_message(error)
+        return
+    named = re.search(r"Failed to decode sample #(\d+)", str(error))
+    if named and int(named.group(1)) < len(idx):
+        bad = idx[int(named.group(1))]
+        errors[bad] = _dali_message(error)
+        groups = [[i for i in idx if i != bad]]
+    else:
+        groups = [idx[:len(idx) // 2], idx[len(idx) // 2:]]
+    for group in groups:
+        decode_isolating(decode_group, group, errors, rebuild)
 
 
 def _parse_error(data: bytes) -> str | None:
@@ -192,6 +293,15 @@ def pillow_letterbox(data: bytes, batch: Batch, i: int, out_dtype=np.float32) ->
     lb = batch.letterbox
     h, w = batch.input_hw
     new_w, new_h, top, left = int(lb.new_w[i]), int(lb.new_h[i]), int(lb.top[i]), int(lb.left[i])
+    rgb = pillow_upright(data)
+    canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
+    canvas[top:top + new_h, left:left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BILINEAR))
+    return (canvas.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(out_dtype)
+
+
+def pillow_upright(data: bytes) -> Image.Image:
+    """`data` decoded by Pillow as DALI decodes it: RGB, EXIF orientation applied, first frame of
+    an animation, alpha dropped. Raises what Pillow raises for a broken file."""
     with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
         warnings.simplefilter("ignore")  # e.g. palette transparency notes: not errors
         im.seek(0)  # first frame of an animated GIF / WebP / multi-page TIFF
@@ -200,10 +310,7 @@ def pillow_letterbox(data: bytes, batch: Batch, i: int, out_dtype=np.float32) ->
             upright = ImageOps.exif_transpose(im)
         except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image (as in imageinfo)
             upright = im
-        rgb = _to_rgb(upright)
-    canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
-    canvas[top:top + new_h, left:left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BILINEAR))
-    return (canvas.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(out_dtype)
+        return _to_rgb(upright)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
