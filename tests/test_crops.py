@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -10,6 +11,8 @@ from PIL import Image, ImageOps
 
 from bulkdet.synthetic import CLASS_COLORS
 from bulkdet.results.crops import crop_regions
+from bulkdet.run.decode import CropDecoder, Decoder
+from bulkdet.run.plan import Batch, letterbox
 from bulkdet.store.parts import read_detections
 
 
@@ -97,3 +100,109 @@ def test_another_dataset_is_caught(demo_run, cli, tmp_path):
     r = cli("crops", demo_run["run"], "--out", tmp_path / "crops", "--dataset", tmp_path / "other_ds", "-q")
     assert r.exit_code == 3 and "could not be read" in r.output
     assert not list((tmp_path / "crops").rglob("*.jpg"))
+
+
+def _textured(w: int, h: int, seed: int) -> np.ndarray:
+    """Smooth random colour: JPEG keeps detail, so a misplaced cut shows."""
+    rng = np.random.default_rng(seed)
+    small = (rng.random((h // 8 + 1, w // 8 + 1, 3)) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+
+
+def _encode(rgb: np.ndarray, fmt: str, orientation: int = 1, **kw) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **({"exif": exif.tobytes()} if fmt == "JPEG" else {}), **kw)
+    return buf.getvalue()
+
+
+def _run_decode(data: bytes) -> np.ndarray:
+    """The run's own decoder (DALI, CPU) with a letterbox that keeps the upright size: its pixels."""
+    from bulkdet.ingest.imageinfo import sniff
+
+    info = sniff(data)
+    w, h = np.array([info.width], np.int32), np.array([info.height], np.int32)
+    batch = Batch(0, 0, np.arange(1), [""], [b""], w, h, (info.height, info.width), letterbox(w, h, info.height, info.width))
+    out = Decoder("cpu", max_batch=1, num_threads=1).decode(batch, [data])
+    assert out.errors == {} and out.fallback == []
+    return np.rint(np.asarray(out.tensor)[0] * 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def _regions(w: int, h: int, rng) -> list[tuple[int, int, int, int]]:
+    out = [(0, 0, w, h), (w - 1, h - 1, w, h), (3, 5, 4, 6)]  # all, the last pixel, one pixel
+    for _ in range(5):
+        x1, y1 = rng.integers(0, w - 1), rng.integers(0, h - 1)
+        out.append((int(x1), int(y1), int(rng.integers(x1 + 1, w + 1)), int(rng.integers(y1 + 1, h + 1))))
+    return out
+
+
+def test_crop_decoder_cuts_the_pixels_the_run_decodes():
+    """DALI's cut (CPU) equals the same region of the run's decoded image, exactly: EXIF
+    orientations (regions in upright pixels), 4:2:0 JPEG, odd sizes, PNG; several crops an image."""
+    rgb = _textured(157, 101, seed=1)
+    files = [_encode(rgb, "JPEG", o, quality=90) for o in (1, 3, 6, 8)] + [_encode(rgb, "PNG")]
+    rng = np.random.default_rng(0)
+    encoded, regions, whole = [], [], []
+    for data in files:
+        full = _run_decode(data)
+        for region in _regions(full.shape[1], full.shape[0], rng):
+            encoded.append(data)  # the same bytes object: one image, several crops
+            regions.append(region)
+            whole.append(full)
+    assert whole[0].shape[:2] == (101, 157) and whole[-1 - 8 * 2].shape[:2] == (157, 101)  # orientation 6: turned
+    pixels, errors = CropDecoder("cpu", max_batch=16, num_threads=1).cut(encoded, np.array(regions))
+    assert errors == {} and len(pixels) == len(regions) > 16  # more than one DALI batch
+    for crop, (x1, y1, x2, y2), full in zip(pixels, regions, whole):
+        assert crop.dtype == np.uint8
+        np.testing.assert_array_equal(crop, full[y1:y2, x1:x2])
+
+
+def test_crop_decoder_isolates_a_broken_image():
+    """A truncated JPEG, garbage and a GIF (which DALI does not read: Pillow does) in one batch:
+    the broken images' crops are errors, every other crop is still cut exactly."""
+    rgb = _textured(120, 90, seed=2)
+    good = _encode(rgb, "JPEG", 6, quality=90)
+    truncated = good[: len(good) // 2]
+    garbage = b"\xff\xd8\xff\xe0 not really a jpeg"
+    gif = _encode(rgb, "GIF")
+    regions = np.array([(10, 20, 50, 70), (0, 0, 90, 120)] * 4)
+    encoded = [good, good, truncated, truncated, garbage, garbage, gif, gif]
+    pixels, errors = CropDecoder("cpu", max_batch=8, num_threads=1).cut(encoded, regions)
+    assert set(errors) == {2, 3, 4, 5, 7}  # 7: the upright region is outside the unrotated GIF
+    assert "outside the 120x90 image" in errors[7]
+    assert all(errors[i].startswith("dali: ") and "pillow: " in errors[i] for i in errors)
+    full = _run_decode(good)
+    for i in (0, 1):
+        x1, y1, x2, y2 = regions[i]
+        np.testing.assert_array_equal(pixels[i], full[y1:y2, x1:x2])
+    gif_full = np.asarray(Image.open(io.BytesIO(gif)).convert("RGB"))
+    np.testing.assert_array_equal(pixels[6], gif_full[20:70, 10:50])
+
+
+def test_a_broken_image_costs_only_its_own_crops(analytic_model, cli, tmp_path, caplog):
+    """The run's images packed again with one of them broken (half its bytes; given with
+    --dataset): DALI and Pillow both reject it, so its crops are missing (exit 3, the file
+    named); every other crop of the same batches is written."""
+    import shutil
+
+    from bulkdet.ingest.pack import pack
+    from bulkdet.run.runner import RunConfig, run
+    from bulkdet.synthetic import make_demo_images
+
+    make_demo_images(tmp_path / "images", n=8, truth_path=tmp_path / "truth.json")
+    pack(tmp_path / "images", tmp_path / "dataset", quiet=True)
+    run(RunConfig(tmp_path / "dataset", analytic_model, tmp_path / "run", quiet=True))
+    dets = read_detections(tmp_path / "run").to_pylist()
+    victim = next(d["path"] for d in dets if d["path"].endswith(".jpg"))
+    shutil.copytree(tmp_path / "images", tmp_path / "images2")
+    source = tmp_path / "images2" / victim
+    source.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    pack(tmp_path / "images2", tmp_path / "dataset2", quiet=True)
+    r = cli("crops", tmp_path / "run", "--out", tmp_path / "crops", "--device", "cpu", "--dataset", tmp_path / "dataset2")
+    assert r.exit_code == 3 and "1 image(s) could not be read" in r.output, r.output
+    assert f"{victim}: cannot decode: dali: " in caplog.text and "pillow: " in caplog.text
+    written = {p.relative_to(tmp_path / "crops").as_posix() for p in (tmp_path / "crops").rglob("*.jpg")}
+    index = pq.read_table(tmp_path / "crops" / "crops.parquet").to_pylist()
+    assert written == {c["crop_path"] for c in index if c["path"] != victim}
+    assert len(written) == len([d for d in dets if d["path"] != victim]) > 0
