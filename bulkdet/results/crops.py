@@ -40,8 +40,7 @@ log = logging.getLogger("bulkdet")
 
 SETTINGS_FILE, INDEX_FILE = "crops.json", "crops.parquet"
 JPEG_QUALITY = 95
-DECODE_CHUNK = 32  # images whose bytes are read at once
-CROP_BATCH = 64  # crops decoded (a DALI batch), then encoded in parallel, at once: memory holds these
+DECODE_CHUNK = 16  # images read, decoded (a DALI batch), then their crops encoded in parallel, at once
 CROPS_SCHEMA = pa.schema([
     ("crop_path", pa.string()),  # relative to DIR
     ("image_id", pa.int64()), ("path", pa.string()),
@@ -145,7 +144,7 @@ def crops(run_dir: Path, out: Path, conf: float | None = None, classes: list[str
     write_json_atomic(asdict(settings), out / SETTINGS_FILE)
     summary = CropsSummary(out)
     threads = threads or min(8, os.cpu_count() or 1)
-    decoder = CropDecoder(decode_device(device), CROP_BATCH, threads)
+    decoder = CropDecoder(decode_device(device), DECODE_CHUNK, threads)
     reader = open_dataset_reader(dataset)  # its shards, or the source (packed by reference)
     progress = Progress(count_images(run_dir), desc="crops", unit="img", quiet=quiet)
     try:
@@ -219,7 +218,7 @@ def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reade
             raise RuntimeError("the dataset does not hold every image of the run: is it the dataset the run read? "
                                "(give it with --dataset)")
         m = manifest.take(pa.array(at)).to_pydict()
-        samples: list[tuple[bytes, int]] = []  # (the image's bytes, the row of its crop)
+        blobs, images = [], []  # the bytes and the (image_id, crop rows) of the images that read
         for (image_id, need), shard, key, m_path in zip(chunk, m["shard"], m["key"], m["path"]):
             blob = reader.read(shard, [image_id], [key])[0]
             path = r["path"][need[0]]
@@ -228,24 +227,16 @@ def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reade
                             else f"the dataset has {m_path!r} under this id: not the run's dataset?")
                 summary.failed_images += 1
             else:
-                samples += [(blob, i) for i in need]
-        failed: dict[int, str] = {}  # image_id -> why, for images none of whose crops could be cut
-        cut: set[int] = set()
-        for b in range(0, len(samples), CROP_BATCH):
-            batch = samples[b:b + CROP_BATCH]
-            pixels, errors = decoder.cut([blob for blob, _ in batch], region[[i for _, i in batch]])
-            for k, (_, i) in enumerate(batch):
-                if k in errors:
-                    failed[r["image_id"][i]] = errors[k]
-                else:
-                    cut.add(r["image_id"][i])
-            jobs = [(out / r["crop_path"][i], pixels[k]) for k, (_, i) in enumerate(batch) if k not in errors]
-            summary.written += sum(pool.map(lambda job: _save(*job, s.quality), jobs))
-        for image_id, why in failed.items():
-            log.warning("crops: %s: cannot decode: %s", r["path"][by_image[image_id][0]], why)
-        summary.images_decoded += len(cut)
-        summary.failed_images += len(failed.keys() - cut)
-
+                blobs.append(blob)
+                images.append(need)
+        pixels, errors = decoder.cut(blobs, [region[need] for need in images])
+        for k, why in errors.items():
+            log.warning("crops: %s: cannot decode: %s", r["path"][images[k][0]], why)
+        summary.failed_images += len(errors)
+        summary.images_decoded += len(images) - len(errors)
+        jobs = [(out / r["crop_path"][i], crop) for k, need in enumerate(images) if k not in errors
+                for i, crop in zip(need, pixels[k])]
+        summary.written += sum(pool.map(lambda job: _save(*job, s.quality), jobs))
 
 def _save(path: Path, pixels: np.ndarray, quality: int) -> int:
     with open_atomic(path, "wb", fsync=False) as f:

@@ -65,7 +65,6 @@ def _crop_graph(decoder_device: str):
     return fn.decoders.image_slice(encoded, anchor, shape, device=decoder_device, output_type=types.RGB,
                                    normalized_anchor=False, normalized_shape=False, axis_names="WH")
 
-
 def _crop_pos(offset: int, padding: int) -> np.ndarray:
     """DALI places a crop window at crop_pos * (image - window); a window `padding` pixels
     larger than the image, starting `offset` pixels before it, is at offset / padding."""
@@ -157,14 +156,13 @@ class Decoder:
 class CropDecoder:
     """Cuts pixel regions out of encoded images, upright as the run's `Decoder` sees them.
 
-    Samples are (bytes, region) pairs, several per image when an image has several crops (the
-    bytes are passed again, not copied: each sample decodes only its region). Batched by
-    `max_batch` samples, so memory holds at most that many crops. What DALI rejects falls back
-    to Pillow (`pillow_upright`), one decode per image; an image neither reads is an error for
-    its samples only.
+    Each image is decoded once, in batches of images: only the window that holds all its
+    regions (DALI's region-of-interest decode), from which its crops are views. What DALI
+    rejects falls back to Pillow (`pillow_upright`); an image neither reads is an error for
+    that image only.
     """
 
-    def __init__(self, device: str = "cpu", max_batch: int = 64, num_threads: int | None = None,
+    def __init__(self, device: str = "cpu", max_batch: int = 16, num_threads: int | None = None,
                  device_id: int = 0):
         self.device = device
         self.max_batch = max_batch
@@ -183,57 +181,45 @@ class CropDecoder:
     def _rebuild(self) -> None:
         self.pipe = self._build()  # a pipeline that raised is not reused
 
-    def cut(self, encoded: list[bytes], regions: np.ndarray) -> tuple[list[np.ndarray | None], dict[int, str]]:
-        """Sample i is `encoded[i]` cut at `regions[i]` = (x1, y1, x2, y2), x2 and y2 exclusive:
-        an [h, w, 3] uint8 array; None for the samples in the returned errors (index -> message)."""
-        regions = np.asarray(regions, np.int64).reshape(-1, 4)
-        crops: list[np.ndarray | None] = [None] * len(encoded)
-        parse = {}  # by image (the same bytes object for its samples): parsed once
-        errors = {}
-        for i, data in enumerate(encoded):
-            if id(data) not in parse:
-                parse[id(data)] = _parse_error(data)
-            if parse[id(data)] is not None:
-                errors[i] = parse[id(data)]
+    def cut(self, encoded: list[bytes], regions: list[np.ndarray]) -> tuple[list[list[np.ndarray] | None], dict[int, str]]:
+        """Image i is `encoded[i]`, cut at each row of `regions[i]` = (x1, y1, x2, y2), x2 and y2
+        exclusive: a list of [h, w, 3] uint8 arrays; None for the images in the returned errors
+        (index -> message)."""
+        regions = [np.asarray(r, np.int64).reshape(-1, 4) for r in regions]
+        window = np.array([[*r[:, :2].min(0), *r[:, 2:].max(0)] for r in regions], np.int64).reshape(-1, 4)
+        crops: list[list[np.ndarray] | None] = [None] * len(encoded)
+        errors = {i: msg for i, data in enumerate(encoded) if (msg := _parse_error(data)) is not None}
 
         def decode_group(group: list[int]) -> None:
             self.pipe.feed_input("encoded", [np.frombuffer(encoded[i], np.uint8) for i in group])
-            self.pipe.feed_input("anchor", [regions[i, :2].astype(np.int32) for i in group])
-            self.pipe.feed_input("shape", [(regions[i, 2:] - regions[i, :2]).astype(np.int32) for i in group])
+            self.pipe.feed_input("anchor", [window[i, :2].astype(np.int32) for i in group])
+            self.pipe.feed_input("shape", [(window[i, 2:] - window[i, :2]).astype(np.int32) for i in group])
             (out,) = self.pipe.run()
             out = out.as_cpu() if self.device == "gpu" else out
             for k, i in enumerate(group):
-                crops[i] = np.array(out.at(k))
+                crops[i] = _cut(np.array(out.at(k)), regions[i] - np.tile(window[i, :2], 2))
 
         good = [i for i in range(len(encoded)) if i not in errors]
         for start in range(0, len(good), self.max_batch):
             decode_isolating(decode_group, good[start:start + self.max_batch], errors, self._rebuild)
-        self._fallback(encoded, regions, crops, errors)
+        for i in sorted(errors):  # What DALI rejects gets a second chance on Pillow (e.g. GIF).
+            try:
+                image = np.asarray(pillow_upright(encoded[i]))
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
+                errors[i] = f"dali: {errors[i]}; pillow: {_pillow_message(exc)}"[:500]
+                continue
+            h, w = image.shape[:2]
+            x1, y1, x2, y2 = (int(v) for v in window[i])
+            if 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h:
+                crops[i] = _cut(image, regions[i])
+                del errors[i]
+            else:
+                errors[i] = f"dali: {errors[i]}; pillow: a region is outside the {w}x{h} image"
         return crops, errors
 
-    @staticmethod
-    def _fallback(encoded: list[bytes], regions: np.ndarray, crops: list, errors: dict[int, str]) -> None:
-        """What DALI rejected, decoded by Pillow: each image once for all its samples."""
-        by_image: dict[int, list[int]] = {}
-        for i in sorted(errors):
-            by_image.setdefault(id(encoded[i]), []).append(i)
-        for idx in by_image.values():
-            try:
-                image = np.asarray(pillow_upright(encoded[idx[0]]))
-                message = None
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
-                message = _pillow_message(exc)
-            for i in idx:
-                x1, y1, x2, y2 = (int(v) for v in regions[i])
-                why = message
-                if why is None and not (0 <= x1 < x2 <= image.shape[1] and 0 <= y1 < y2 <= image.shape[0]):
-                    why = f"region {(x1, y1, x2, y2)} is outside the {image.shape[1]}x{image.shape[0]} image"
-                if why is None:
-                    crops[i] = image[y1:y2, x1:x2]
-                    del errors[i]
-                else:
-                    errors[i] = f"dali: {errors[i]}; pillow: {why}"[:500]
 
+def _cut(image: np.ndarray, regions: np.ndarray) -> list[np.ndarray]:
+    return [image[y1:y2, x1:x2] for x1, y1, x2, y2 in regions.tolist()]
 
 def decode_isolating(decode_group, idx: list[int], errors: dict[int, str], rebuild,
                      error: RuntimeError | None = None) -> None:
