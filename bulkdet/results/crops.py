@@ -211,6 +211,7 @@ def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reade
         if need:
             todo.append((image_id, need))
     region = np.stack([np.asarray(r[f"crop_{c}"], np.int64) for c in ("x1", "y1", "x2", "y2")], 1)
+    encoding: list = []  # the futures of the previous chunk's crops
     for start in range(0, len(todo), DECODE_CHUNK):
         chunk = todo[start:start + DECODE_CHUNK]
         at = np.searchsorted(m_ids, [image_id for image_id, _ in chunk])
@@ -236,7 +237,11 @@ def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reade
         summary.images_decoded += len(images) - len(errors)
         jobs = [(out / r["crop_path"][i], crop) for k, need in enumerate(images) if k not in errors
                 for i, crop in zip(need, pixels[k])]
-        summary.written += sum(pool.map(lambda job: _save(*job, s.quality), jobs))
+        # Encoded while the next chunk decodes; one chunk waits at most (bounded memory).
+        summary.written += sum(f.result() for f in encoding)
+        encoding = [pool.submit(_save, path, crop, s.quality) for path, crop in jobs]
+    summary.written += sum(f.result() for f in encoding)
+
 
 def _save(path: Path, pixels: np.ndarray, quality: int) -> int:
     with open_atomic(path, "wb", fsync=False) as f:
