@@ -5,7 +5,8 @@ rectangles each) is packed and run by the analytic detector; then its detections
 (a) by `bulkdet crops` (DALI, on `--device`) and (b) by the Pillow baseline crops used before:
 each image read from the same dataset, decoded once by Pillow (EXIF applied), its crops cut and
 saved. Both encode JPEG with Pillow at the same settings, with the same threads, into fresh
-folders; the two alternate, and the best of `--repeat` rounds counts.
+folders; the two alternate for `--repeat` rounds; the best and the median round are reported
+(on a shared machine the rounds vary a lot).
 
     python -m benchmarks.crops [--images 400] [--threads 2] [--device cpu] [--repeat 3] [--out results.json]
 """
@@ -23,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
@@ -91,6 +93,9 @@ def main() -> None:
               "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "dali_crops_per_s": round(max(dali), 1), "pillow_crops_per_s": round(max(pil), 1),
               "dali_over_pillow": round(max(dali) / max(pil), 2),
+              "median_dali_crops_per_s": round(float(np.median(dali)), 1),
+              "median_pillow_crops_per_s": round(float(np.median(pil)), 1),
+              "median_dali_over_pillow": round(float(np.median(dali) / np.median(pil)), 2),
               "rounds": {"dali": [round(v, 1) for v in dali], "pillow": [round(v, 1) for v in pil]}}
     print(json.dumps(result, indent=1))
     if args.out:

@@ -65,6 +65,7 @@ def _crop_graph(decoder_device: str):
     return fn.decoders.image_slice(encoded, anchor, shape, device=decoder_device, output_type=types.RGB,
                                    normalized_anchor=False, normalized_shape=False, axis_names="WH")
 
+
 def _crop_pos(offset: int, padding: int) -> np.ndarray:
     """DALI places a crop window at crop_pos * (image - window); a window `padding` pixels
     larger than the image, starting `offset` pixels before it, is at offset / padding."""
@@ -197,7 +198,7 @@ class CropDecoder:
             (out,) = self.pipe.run()
             out = out.as_cpu() if self.device == "gpu" else out
             for k, i in enumerate(group):
-                crops[i] = _cut(np.array(out.at(k)), regions[i] - np.tile(window[i, :2], 2))
+                crops[i] = _cut(out.at(k), regions[i] - np.tile(window[i, :2], 2))  # at(): a host copy
 
         good = [i for i in range(len(encoded)) if i not in errors]
         for start in range(0, len(good), self.max_batch):
