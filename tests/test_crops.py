@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
@@ -206,3 +207,32 @@ def test_a_broken_image_costs_only_its_own_crops(analytic_model, cli, tmp_path, 
     index = pq.read_table(tmp_path / "crops" / "crops.parquet").to_pylist()
     assert written == {c["crop_path"] for c in index if c["path"] != victim}
     assert len(written) == len([d for d in dets if d["path"] != victim]) > 0
+
+
+@pytest.mark.gpu
+def test_gpu_cuts_what_the_cpu_cuts(demo_run, cli, tmp_path):
+    """On the GPU (mixed decode, the cut there): the same crops; PNG pixels exactly, JPEG within
+    what two JPEG decoders (nvJPEG, libjpeg-turbo) differ by."""
+    rgb = _textured(157, 101, seed=3)
+    files = [_encode(rgb, "JPEG", 6, quality=90), _encode(rgb, "PNG")]
+    regions = [np.array([(5, 7, 60, 90), (0, 0, 101, 157)]), np.array([(5, 7, 60, 90), (0, 0, 157, 101)])]
+    cpu, cpu_errors = CropDecoder("cpu", max_batch=2, num_threads=1).cut(files, regions)
+    gpu, gpu_errors = CropDecoder("gpu", max_batch=2, num_threads=1).cut(files, regions)
+    assert cpu_errors == gpu_errors == {}
+    for a, b in zip(cpu[0], gpu[0]):
+        assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() < 2
+    for a, b in zip(cpu[1], gpu[1]):
+        np.testing.assert_array_equal(a, b)
+    r = cli("crops", demo_run["run"], "--out", tmp_path / "crops", "--device", "gpu", "-q")
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "crops").rglob("*.jpg"))) == len(read_detections(demo_run["run"]))
+
+
+def test_device_gpu_without_one_is_an_error(demo_run, cli, tmp_path):
+    from conftest import gpu_status
+
+    if gpu_status().gpus:
+        pytest.skip("this machine has a GPU")
+    r = cli("crops", demo_run["run"], "--out", tmp_path / "crops", "--device", "gpu")
+    assert r.exit_code == 1 and "error: --device gpu: " in r.output
+    assert not (tmp_path / "crops").exists()

@@ -134,6 +134,7 @@ def crops(run_dir: Path, out: Path, conf: float | None = None, classes: list[str
     info = RunInfo.load(run_dir)
     if pad < 0 or min_size < 0:
         raise UsageError("--pad and --min-size must be >= 0")
+    device = decode_device(device)  # before anything is written: --device gpu without one fails here
     settings = CropSettings(info.run.get("run_id"), conf, info.class_ids(classes), pad, min_size, square)
     out = Path(out)
     keep_existing = _check_out(out, settings, overwrite)
@@ -144,7 +145,7 @@ def crops(run_dir: Path, out: Path, conf: float | None = None, classes: list[str
     write_json_atomic(asdict(settings), out / SETTINGS_FILE)
     summary = CropsSummary(out)
     threads = threads or min(8, os.cpu_count() or 1)
-    decoder = CropDecoder(decode_device(device), DECODE_CHUNK, threads)
+    decoder = CropDecoder(device, DECODE_CHUNK, threads)
     reader = open_dataset_reader(dataset)  # its shards, or the source (packed by reference)
     progress = Progress(count_images(run_dir), desc="crops", unit="img", quiet=quiet)
     try:
