@@ -538,6 +538,8 @@ def crops_cmd(
     dataset: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
                                            help="The dataset the run read, if it moved (default: from run.json)."),
     overwrite: bool = typer.Option(False, help="Rewrite every crop, and write into a folder bulkdet did not fill."),
+    device: Device = typer.Option(Device.AUTO, help="Where DALI decodes and cuts (auto: the GPU when DALI "
+                                  "can decode there)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
     """Cut each detection out of its image into OUT/CLASS/*.jpg, indexed by OUT/crops.parquet."""
@@ -546,7 +548,8 @@ def crops_cmd(
 
     _setup_logging(quiet)
     try:
-        s = crops(run_dir, out, conf, classes, pad, min_size, square, dataset, overwrite, quiet)
+        s = crops(run_dir, out, conf, classes, pad, min_size, square, dataset, overwrite, quiet,
+                  device=device.value)
     except UsageError as exc:
         _fail(exc, EXIT_USAGE)
     except (OSError, RuntimeError) as exc:

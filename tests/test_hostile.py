@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bulkdet.run.decode import Decoder, pillow_letterbox
+from bulkdet.run.decode import Decoder, decode_isolating, pillow_letterbox
 from bulkdet.synthetic import compare_with_truth, draw_upright, random_rects, write_image
 from bulkdet.ingest.imageinfo import sniff
 from bulkdet.run.plan import Batch, letterbox
@@ -225,7 +225,11 @@ def test_a_failure_dali_does_not_attribute_is_bisected():
     runs = _counting(decoder)
     tensor = np.zeros_like(clean)
     errors: dict[int, str] = {}
-    decoder._isolate(hostile, _batch(sizes), list(range(12)), RuntimeError("no sample named"), tensor, errors)
+    batch = _batch(sizes)
+
+    def decode_group(group):
+        tensor[group] = np.asarray(decoder._run(hostile, batch, group))
+    decode_isolating(decode_group, list(range(12)), errors, decoder._rebuild, RuntimeError("no sample named"))
     assert set(errors) == {bad}
     good = [i for i in range(12) if i != bad]
     assert np.array_equal(tensor[good], clean[good])

@@ -1,8 +1,10 @@
 """`bulkdet crops`: each detection cut out of its image as a JPEG, a folder per class.
 
-The pixels come from the dataset's shards (the bytes the run read), decoded by Pillow with the
-EXIF orientation applied: run boxes are in upright pixels. Images are decoded in parallel
-threads (Pillow releases the GIL while decoding), a few at a time, each once for all its crops.
+The pixels come from the dataset's shards (the bytes the run read), decoded upright by the run's
+decoder (DALI, EXIF orientation applied: run boxes are in upright pixels), cut there in batches
+(run/decode.py `CropDecoder`; on the GPU the cut happens on the GPU and only the crops come
+back). What DALI rejects falls back to Pillow, per image, as in the run. DALI has no JPEG
+encoder on the CPU: Pillow encodes the cut pixels, in parallel threads (it releases the GIL).
 
 DIR/crops.json records the settings; a re-run with the same settings skips the crops already
 there (names are deterministic), other settings are refused unless --overwrite. A crop appears
@@ -11,7 +13,6 @@ only complete (temporary name, rename); DIR/crops.parquet indexes them at the en
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image
 
 from bulkdet.results.export import OutputExists
 from bulkdet.results.run_info import RunInfo, UsageError
@@ -32,12 +33,14 @@ from bulkdet.run.progress import Progress
 from bulkdet.store.atomic import open_atomic, write_json_atomic
 from bulkdet.store.manifest import read_manifest
 from bulkdet.store.readers import ShardBytes, ReferenceBytes, Unreadable, open_dataset_reader
+from bulkdet.run.decode import CropDecoder
+from bulkdet.system.devices import decode_device
 
 log = logging.getLogger("bulkdet")
 
 SETTINGS_FILE, INDEX_FILE = "crops.json", "crops.parquet"
 JPEG_QUALITY = 95
-DECODE_CHUNK = 32  # images whose bytes are read, then decoded in parallel, at once
+DECODE_CHUNK = 16  # images read, decoded (a DALI batch), then their crops encoded in parallel, at once
 CROPS_SCHEMA = pa.schema([
     ("crop_path", pa.string()),  # relative to DIR
     ("image_id", pa.int64()), ("path", pa.string()),
@@ -124,10 +127,14 @@ def _check_out(out: Path, settings: CropSettings, overwrite: bool) -> bool:
 
 def crops(run_dir: Path, out: Path, conf: float | None = None, classes: list[str] | None = None,
           pad: float = 0.0, min_size: int = 0, square: bool = False, dataset: Path | None = None,
-          overwrite: bool = False, quiet: bool = False, threads: int | None = None) -> CropsSummary:
+          overwrite: bool = False, quiet: bool = False, threads: int | None = None,
+          device: str = "auto") -> CropsSummary:
+    """`device`: where DALI decodes and cuts (auto: the GPU when DALI can decode there);
+    `threads`: DALI's threads and the JPEG encoders' (default: the cores, at most 8)."""
     info = RunInfo.load(run_dir)
     if pad < 0 or min_size < 0:
         raise UsageError("--pad and --min-size must be >= 0")
+    device = decode_device(device)  # before anything is written: --device gpu without one fails here
     settings = CropSettings(info.run.get("run_id"), conf, info.class_ids(classes), pad, min_size, square)
     out = Path(out)
     keep_existing = _check_out(out, settings, overwrite)
@@ -137,17 +144,19 @@ def crops(run_dir: Path, out: Path, conf: float | None = None, classes: list[str
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(asdict(settings), out / SETTINGS_FILE)
     summary = CropsSummary(out)
+    threads = threads or min(8, os.cpu_count() or 1)
+    decoder = CropDecoder(device, DECODE_CHUNK, threads)
     reader = open_dataset_reader(dataset)  # its shards, or the source (packed by reference)
     progress = Progress(count_images(run_dir), desc="crops", unit="img", quiet=quiet)
     try:
         with open_atomic(out / INDEX_FILE, "wb") as f, pq.ParquetWriter(f, CROPS_SCHEMA, compression="zstd") as index, \
-                ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+                ThreadPoolExecutor(threads) as pool:
             for part in iter_parts(run_dir):
                 rows = _part_crops(part, settings)
                 if rows is not None:
                     index.write_table(rows)
                     summary.crops += len(rows)
-                    _cut(rows, out, manifest, m_ids, reader, pool, settings, keep_existing, summary)
+                    _cut(rows, out, manifest, m_ids, reader, decoder, pool, settings, keep_existing, summary)
                 progress.update(len(part.images))
     finally:
         progress.close()
@@ -189,8 +198,9 @@ def _part_crops(part: PartResults, s: CropSettings) -> pa.Table | None:
 
 
 def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reader: ShardBytes | ReferenceBytes,
-         pool: ThreadPoolExecutor, s: CropSettings, keep_existing: bool, summary: CropsSummary) -> None:
-    """Decode each image of `rows` once and write its crops (those not already there)."""
+         decoder: CropDecoder, pool: ThreadPoolExecutor, s: CropSettings, keep_existing: bool,
+         summary: CropsSummary) -> None:
+    """Cut and write the crops of `rows` (those not already there)."""
     r = rows.to_pydict()
     by_image: dict[int, list[int]] = {}
     for i, image_id in enumerate(r["image_id"]):
@@ -201,6 +211,8 @@ def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reade
         summary.skipped += len(idx) - len(need)
         if need:
             todo.append((image_id, need))
+    region = np.stack([np.asarray(r[f"crop_{c}"], np.int64) for c in ("x1", "y1", "x2", "y2")], 1)
+    encoding: list = []  # the futures of the previous chunk's crops
     for start in range(0, len(todo), DECODE_CHUNK):
         chunk = todo[start:start + DECODE_CHUNK]
         at = np.searchsorted(m_ids, [image_id for image_id, _ in chunk])
@@ -208,29 +220,31 @@ def _cut(rows: pa.Table, out: Path, manifest: pa.Table, m_ids: np.ndarray, reade
             raise RuntimeError("the dataset does not hold every image of the run: is it the dataset the run read? "
                                "(give it with --dataset)")
         m = manifest.take(pa.array(at)).to_pydict()
-        blobs = [reader.read(shard, [i], [key])[0] for shard, i, key in zip(m["shard"], m["image_id"], m["key"])]
-        jobs = [(image_id, need, blob, path, m_path)
-                for (image_id, need), blob, path, m_path in zip(chunk, blobs, [r["path"][n[0]] for _, n in chunk], m["path"])]
-        for ok, written in pool.map(lambda job: _cut_one(job, r, out, s), jobs):
-            summary.images_decoded += ok
-            summary.failed_images += not ok
-            summary.written += written
+        blobs, images = [], []  # the bytes and the (image_id, crop rows) of the images that read
+        for (image_id, need), shard, key, m_path in zip(chunk, m["shard"], m["key"], m["path"]):
+            blob = reader.read(shard, [image_id], [key])[0]
+            path = r["path"][need[0]]
+            if isinstance(blob, Unreadable) or path != m_path:
+                log.warning("crops: %s: %s", path, f"{blob.status}: {blob.error}" if isinstance(blob, Unreadable)
+                            else f"the dataset has {m_path!r} under this id: not the run's dataset?")
+                summary.failed_images += 1
+            else:
+                blobs.append(blob)
+                images.append(need)
+        pixels, errors = decoder.cut(blobs, [region[need] for need in images])
+        for k, why in errors.items():
+            log.warning("crops: %s: cannot decode: %s", r["path"][images[k][0]], why)
+        summary.failed_images += len(errors)
+        summary.images_decoded += len(images) - len(errors)
+        jobs = [(out / r["crop_path"][i], crop) for k, need in enumerate(images) if k not in errors
+                for i, crop in zip(need, pixels[k])]
+        # Encoded while the next chunk decodes; one chunk waits at most (bounded memory).
+        summary.written += sum(f.result() for f in encoding)
+        encoding = [pool.submit(_save, path, crop, s.quality) for path, crop in jobs]
+    summary.written += sum(f.result() for f in encoding)
 
 
-def _cut_one(job, r: dict, out: Path, s: CropSettings) -> tuple[bool, int]:
-    image_id, need, blob, path, m_path = job
-    if isinstance(blob, Unreadable) or path != m_path:
-        log.warning("crops: %s: %s", path, f"{blob.status}: {blob.error}" if isinstance(blob, Unreadable)
-                    else f"the dataset has {m_path!r} under this id: not the run's dataset?")
-        return False, 0
-    try:
-        with Image.open(io.BytesIO(blob)) as im:
-            img = ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, ValueError) as exc:
-        log.warning("crops: %s: cannot decode: %s", path, exc)
-        return False, 0
-    for i in need:
-        box = (r["crop_x1"][i], r["crop_y1"][i], r["crop_x2"][i], r["crop_y2"][i])
-        with open_atomic(out / r["crop_path"][i], "wb", fsync=False) as f:
-            img.crop(box).save(f, format="JPEG", quality=s.quality, subsampling=0)
-    return True, len(need)
+def _save(path: Path, pixels: np.ndarray, quality: int) -> int:
+    with open_atomic(path, "wb", fsync=False) as f:
+        Image.fromarray(pixels).save(f, format="JPEG", quality=quality, subsampling=0)
+    return 1

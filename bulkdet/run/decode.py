@@ -1,4 +1,5 @@
-"""DALI letterbox pipeline: encoded bytes -> upright, resized, padded, normalised CHW tensor.
+"""DALI letterbox pipeline: encoded bytes -> upright, resized, padded, normalised CHW tensor;
+and the crop pipeline of `bulkdet crops`: encoded bytes -> upright pixel regions.
 
 One graph for both devices: `cpu` decodes on the host, `gpu` uses DALI's "mixed" decoder
 (nvJPEG / hardware decoder) and keeps everything after it on the GPU.
@@ -82,6 +83,19 @@ def _letterbox(images, out_dtype):
                                     dtype=out_dtype, output_layout="CHW", mean=[0.0], std=[255.0])
 
 
+@pipeline_def
+def _crop_graph(decoder_device: str):
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)  # (x, y)
+    shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)  # (width, height)
+    # The run's decoder with a region of interest: the same upright pixels (EXIF orientation
+    # applied, the region in upright coordinates; equal to cutting the full decode, tested),
+    # but a JPEG decodes only the rows and columns the region needs; on the GPU the region
+    # is cut there and only it comes back.
+    return fn.decoders.image_slice(encoded, anchor, shape, device=decoder_device, output_type=types.RGB,
+                                   normalized_anchor=False, normalized_shape=False, axis_names="WH")
+
+
 def _crop_pos(offset: int, padding: int) -> np.ndarray:
     """DALI places a crop window at crop_pos * (image - window); a window `padding` pixels
     larger than the image, starting `offset` pixels before it, is at offset / padding."""
@@ -136,20 +150,21 @@ class Decoder:
         # DALI batch can crash the process (seen with DALI 2.4), not just fail the batch.
         errors = {i: msg for i, data in enumerate(encoded) if (msg := _parse_error(data)) is not None}
         idx = [i for i in range(len(batch)) if i not in errors]
+        error = None
         if not errors:
             try:
                 return DecodedBatch(batch, self._to_output(self._run(encoded, batch, idx)))
             except RuntimeError as exc:
-                self.pipe = self._build()  # a pipeline that raised is not reused
+                self._rebuild()
                 error = exc
         # Some image is bad: isolate it so that a bad image costs only its own row. This rare
         # path assembles the batch on the host.
         h, w = batch.input_hw
         tensor = np.full((len(batch), 3, h, w), PAD_VALUE / 255.0, dtype=self.out_dtype)
-        if errors:
-            self._decode_group(encoded, batch, idx, tensor, errors)
-        else:
-            self._isolate(encoded, batch, idx, error, tensor, errors)
+
+        def decode_group(group: list[int]) -> None:
+            tensor[group] = _to_host(self._run(encoded, batch, group))
+        decode_isolating(decode_group, idx, errors, self._rebuild, None if errors else error)
         # What DALI rejects gets a second chance on the CPU decoder (e.g. GIF).
         fallback = []
         for i in sorted(errors):
@@ -162,37 +177,8 @@ class Decoder:
                 del errors[i]
         return DecodedBatch(batch, tensor, errors, fallback)
 
-    def _decode_group(self, encoded: list[bytes], batch: Batch, idx: list[int], tensor: np.ndarray,
-                      errors: dict[int, str]) -> None:
-        """Decode `idx` into `tensor`; on failure, isolate the bad images of the group."""
-        if not idx:
-            return
-        try:
-            tensor[idx] = _to_host(self._run(encoded, batch, idx))
-        except RuntimeError as exc:
-            self.pipe = self._build()
-            self._isolate(encoded, batch, idx, exc, tensor, errors)
-
-    def _isolate(self, encoded: list[bytes], batch: Batch, idx: list[int], error: RuntimeError,
-                 tensor: np.ndarray, errors: dict[int, str]) -> None:
-        """`idx` failed with `error`: record its bad images in `errors`, decode the rest into `tensor`.
-
-        When DALI names the sample that failed ("Failed to decode sample #k", a corrupt image),
-        the others are decoded again together; otherwise the group is bisected, so the good
-        images still decode in parallel groups.
-        """
-        if len(idx) == 1:
-            errors[idx[0]] = _dali_message(error)
-            return
-        named = re.search(r"Failed to decode sample #(\d+)", str(error))
-        if named and int(named.group(1)) < len(idx):
-            bad = idx[int(named.group(1))]
-            errors[bad] = _dali_message(error)
-            groups = [[i for i in idx if i != bad]]
-        else:
-            groups = [idx[:len(idx) // 2], idx[len(idx) // 2:]]
-        for group in groups:
-            self._decode_group(encoded, batch, group, tensor, errors)
+    def _rebuild(self) -> None:
+        self.pipe = self._build()  # a pipeline that raised is not reused
 
     def _to_output(self, tensor):
         return np.array(tensor) if self.device == "cpu" else tensor
@@ -280,7 +266,7 @@ class TileDecoder:
         for first in sorted(errors):  # what DALI rejects gets a second chance on the CPU decoder
             items, window = by_first[first]
             try:
-                regions[first] = np.ascontiguousarray(np.asarray(_pillow_upright(encoded[first]))[
+                regions[first] = np.ascontiguousarray(np.asarray(pillow_upright(encoded[first]))[
                     window[1]:window[3], window[0]:window[2]])
             except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
                 errors[first] = f"dali: {errors[first]}; pillow: {_pillow_message(exc)}"[:500]
@@ -337,6 +323,109 @@ def _inside(window, outer) -> bool:
     return outer[0] <= window[0] and outer[1] <= window[1] and window[2] <= outer[2] and window[3] <= outer[3]
 
 
+class CropDecoder:
+    """Cuts pixel regions out of encoded images, upright as the run's `Decoder` sees them.
+
+    Each image is decoded once, in batches of images: only the window that holds all its
+    regions (DALI's region-of-interest decode), from which its crops are views. What DALI
+    rejects falls back to Pillow (`pillow_upright`); an image neither reads is an error for
+    that image only.
+    """
+
+    def __init__(self, device: str = "cpu", max_batch: int = 16, num_threads: int | None = None,
+                 device_id: int = 0):
+        self.device = device
+        self.max_batch = max_batch
+        self.num_threads = num_threads or max(1, os.cpu_count() or 1)
+        self.device_id = device_id
+        self.pipe = self._build()
+
+    def _build(self):
+        pipe = _crop_graph(decoder_device="mixed" if self.device == "gpu" else "cpu",
+                           batch_size=self.max_batch, num_threads=self.num_threads,
+                           device_id=self.device_id if self.device == "gpu" else None,
+                           prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        pipe.build()
+        return pipe
+
+    def _rebuild(self) -> None:
+        self.pipe = self._build()  # a pipeline that raised is not reused
+
+    def cut(self, encoded: list[bytes], regions: list[np.ndarray]) -> tuple[list[list[np.ndarray] | None], dict[int, str]]:
+        """Image i is `encoded[i]`, cut at each row of `regions[i]` = (x1, y1, x2, y2), x2 and y2
+        exclusive: a list of [h, w, 3] uint8 arrays; None for the images in the returned errors
+        (index -> message)."""
+        regions = [np.asarray(r, np.int64).reshape(-1, 4) for r in regions]
+        window = np.array([[*r[:, :2].min(0), *r[:, 2:].max(0)] for r in regions], np.int64).reshape(-1, 4)
+        crops: list[list[np.ndarray] | None] = [None] * len(encoded)
+        errors = {i: msg for i, data in enumerate(encoded) if (msg := _parse_error(data)) is not None}
+
+        def decode_group(group: list[int]) -> None:
+            self.pipe.feed_input("encoded", [np.frombuffer(encoded[i], np.uint8) for i in group])
+            self.pipe.feed_input("anchor", [window[i, :2].astype(np.int32) for i in group])
+            self.pipe.feed_input("shape", [(window[i, 2:] - window[i, :2]).astype(np.int32) for i in group])
+            (out,) = self.pipe.run()
+            out = out.as_cpu() if self.device == "gpu" else out
+            for k, i in enumerate(group):
+                crops[i] = _cut(out.at(k), regions[i] - np.tile(window[i, :2], 2))  # at(): a host copy
+
+        good = [i for i in range(len(encoded)) if i not in errors]
+        for start in range(0, len(good), self.max_batch):
+            decode_isolating(decode_group, good[start:start + self.max_batch], errors, self._rebuild)
+        for i in sorted(errors):  # What DALI rejects gets a second chance on Pillow (e.g. GIF).
+            try:
+                image = np.asarray(pillow_upright(encoded[i]))
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
+                errors[i] = f"dali: {errors[i]}; pillow: {_pillow_message(exc)}"[:500]
+                continue
+            h, w = image.shape[:2]
+            x1, y1, x2, y2 = (int(v) for v in window[i])
+            if 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h:
+                crops[i] = _cut(image, regions[i])
+                del errors[i]
+            else:
+                errors[i] = f"dali: {errors[i]}; pillow: a region is outside the {w}x{h} image"
+        return crops, errors
+
+
+def _cut(image: np.ndarray, regions: np.ndarray) -> list[np.ndarray]:
+    return [image[y1:y2, x1:x2] for x1, y1, x2, y2 in regions.tolist()]
+
+
+def decode_isolating(decode_group, idx: list[int], errors: dict[int, str], rebuild,
+                     error: RuntimeError | None = None) -> None:
+    """Decode the samples `idx` with `decode_group(group)`, which stores what it decodes and raises
+    RuntimeError when DALI rejects the group; `rebuild()` replaces the pipeline after a failure.
+    The bad samples end in `errors` (index -> message), the rest are decoded. `error`: the
+    failure of `idx` as a whole, when already tried.
+
+    When DALI names the sample that failed ("Failed to decode sample #k", a corrupt image),
+    the others are decoded again together; otherwise the group is bisected, so the good
+    images still decode in parallel groups.
+    """
+    if not idx:
+        return
+    if error is None:
+        try:
+            decode_group(idx)
+            return
+        except RuntimeError as exc:
+            rebuild()
+            error = exc
+    if len(idx) == 1:
+        errors[idx[0]] = _dali_message(error)
+        return
+    named = re.search(r"Failed to decode sample #(\d+)", str(error))
+    if named and int(named.group(1)) < len(idx):
+        bad = idx[int(named.group(1))]
+        errors[bad] = _dali_message(error)
+        groups = [[i for i in idx if i != bad]]
+    else:
+        groups = [idx[:len(idx) // 2], idx[len(idx) // 2:]]
+    for group in groups:
+        decode_isolating(decode_group, group, errors, rebuild)
+
+
 def _parse_error(data: bytes) -> str | None:
     """Why DALI's image parser (nvImageCodec) can't read this header; None when it can."""
     try:
@@ -358,7 +447,7 @@ def pillow_letterbox(data: bytes, batch: Batch, i: int, out_dtype=np.float32) ->
     Pixel values can differ slightly from DALI's (another resampler); geometry is identical,
     so boxes map back the same way.
     """
-    rgb = _pillow_upright(data)
+    rgb = pillow_upright(data)
     if batch.tiles is not None:  # a tile: its window of the upright image
         x, y = int(batch.tiles.x[i]), int(batch.tiles.y[i])
         rgb = rgb.crop((x, y, x + int(batch.width[i]), y + int(batch.height[i])))
@@ -374,8 +463,9 @@ def _pillow_letterbox_image(rgb: Image.Image, batch: Batch, i: int, out_dtype) -
     return (canvas.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(out_dtype)
 
 
-def _pillow_upright(data: bytes) -> Image.Image:
-    """The image decoded by Pillow: upright RGB, first frame."""
+def pillow_upright(data: bytes) -> Image.Image:
+    """`data` decoded by Pillow as DALI decodes it: RGB, EXIF orientation applied, first frame of
+    an animation, alpha dropped. Raises what Pillow raises for a broken file."""
     with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
         warnings.simplefilter("ignore")  # e.g. palette transparency notes: not errors
         im.seek(0)  # first frame of an animated GIF / WebP / multi-page TIFF

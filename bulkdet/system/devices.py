@@ -117,3 +117,20 @@ def select(device: str = "auto", backend: str = "auto", model: Path | None = Non
         raise DeviceError(f"{what}: no usable GPU path: {missing}")
     log.info("no usable GPU path (%s): running on the CPU", missing)
     return Selection("cpu", "onnxruntime", f"no usable GPU path: {missing}")
+
+
+def decode_device(device: str = "auto") -> str:
+    """Where a decode-only command (`crops`) decodes: it needs DALI's GPU decoder, no backend.
+    auto: the GPU when DALI can decode there; gpu without it is a DeviceError saying why."""
+    device = Device.parse(device, "--device").value
+    if device == "cpu":
+        return "cpu"
+    found = probe_machine()
+    why = (found.gpu.error or "no GPU") if not found.gpu.gpus else None if found.backends.dali_gpu.available \
+        else f"DALI cannot decode on the GPU: {found.backends.dali_gpu.why_not}"
+    if why is None:
+        return "gpu"
+    if device == "gpu":
+        raise DeviceError(f"--device gpu: {why}")
+    log.info("decoding on the CPU: %s", why)
+    return "cpu"
