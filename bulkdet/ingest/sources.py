@@ -8,6 +8,8 @@ structure check). `open_source` picks the source from what SRC is.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import io
 import os
 import posixpath
@@ -123,15 +125,16 @@ def walk(src: Path, follow_symlinks: bool = False, exclude: Path | None = None,
         stack.extend(reversed(subfolders))
 
 
-class Source:
+class Source(ABC):
     """A source pack reads: its entries, how to open one, and what dataset.json records of it."""
 
     kind = ""
     unit = "file"  # progress unit
     threads: int | None = None  # reads in flight (None: pack's --threads)
 
+    @abstractmethod
     def entries(self, notes: WalkNotes) -> Iterator[Entry]:
-        raise NotImplementedError
+        """Every file (or object, or member) of the source, in a stable order."""
 
     def open(self, entry: Entry) -> BinaryIO:
         return open(entry.abspath, "rb")

@@ -48,7 +48,7 @@ class Library:
 
 @dataclass(frozen=True)
 class Dali(Library):
-    build: str | None = None  # the nvidia-dali-cudaXXX distribution
+    build: str | None = None  # the DALI distribution installed, e.g. nvidia-dali-cuda120
     devices: list[str] = field(default_factory=list)
     mixed_decode: bool = False  # DALI can decode on the GPU
     mixed_decode_why_not: str | None = None
