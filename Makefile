@@ -27,11 +27,19 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
-# --tile: small objects found with and without tiles, tiles/s batched across images vs one image
-# at a time, peak memory on a 100-megapixel JPEG (docs/tiling.md).
-bench-tiling: $(STAMP)
+# --tile against SAHI: small objects found with and without tiles, tiles/s, peak memory on a
+# 100-megapixel JPEG (docs/tiling.md). SAHI and Ultralytics need torch (about 6 GB with its CUDA
+# wheels, which also run on the CPU): they get their own venv, kept out of the project's and CI's.
+SAHI_VENV := .venv-sahi
+$(SAHI_VENV)/.installed:
+	test -x $(SAHI_VENV)/bin/python || $(PY) -m venv $(SAHI_VENV)
+	$(SAHI_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(SAHI_VENV)/bin/python -m pip install -q ultralytics==8.4.190 sahi==0.12.8 onnxruntime==1.32.0
+	touch $@
+
+bench-tiling: $(STAMP) $(SAHI_VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]'
-	$(BIN)/python -m benchmarks.tiling $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.tiling --sahi-python $(SAHI_VENV)/bin/python $(BENCH_ARGS)
 
 # No venv stamp on the GPU test machine: it has no venv and no package index, and runs the system
 # python3 with the carried packages on PYTHONPATH (docs/gpu-and-precision.md). Here: the venv when
@@ -47,4 +55,4 @@ gpu-check:
 	$$py -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) $(SAHI_VENV) demo-out

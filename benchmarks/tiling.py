@@ -1,19 +1,27 @@
-"""Sliced inference (`--tile`): small objects found, and tiles/s batched across images vs. one
-image at a time, all measured in one invocation on the same images, model and tiles.
+"""Sliced inference (`--tile`) against SAHI: small objects found, and tiles/s, all measured in one
+invocation on the same images, models and slice settings.
 
-1. Recall (the exact analytic detector): large JPEGs with 4 px squares, some cut by a tile
-   seam or at a tile corner; found = a box of the right class with every corner within 3 px.
-   Runs: no tiling, --tile 640 --no-tile-full, --tile 640 (with the full pass).
-2. Throughput (the YOLOv8n-architecture model of benchmarks/yolov8n.py): `bulkdet run --tile
-   640 --no-tile-full`, whose tiles of many images fill the same batches while decoding
-   overlaps inference, against the loop SAHI's folder mode runs: one image at a time,
-   decoded (Pillow), cut into the same tiles, one model call per tile (ONNX Runtime, batch 1),
-   merged (bulkdet's own merge, so only the scheduling differs). SAHI itself needs torch with
-   Ultralytics (about 6 GB, see docs/tiling.md); this loop is its schedule without its
-   overheads, so the ratio is a lower bound of the one against SAHI.
-3. Memory: a 100-megapixel JPEG run with --tile 640 --no-tile-full and without --tile; peak RSS.
+1. Recall (the exact analytic detector): large JPEGs with 4 px squares, some cut by a tile seam
+   or at a tile corner; found = a box of the right class with every corner within 3 px. bulkdet
+   without tiles, `--tile 640 --no-tile-full`, `--tile 640`; SAHI's standard prediction, sliced,
+   sliced + standard.
+2. Throughput, model-bound (the YOLOv8n-architecture model of benchmarks/yolov8n.py, on
+   photo-like 4000 x 3000 JPEGs, for which it was calibrated to give a realistic few tens of
+   boxes): `bulkdet run --tile 640 --no-tile-full` against SAHI's `get_sliced_prediction` with its Ultralytics
+   wrapper over the same ONNX file (given Ultralytics' export metadata, so it runs dynamic
+   batches), at SAHI's slice batch 1 and 8; and ONNX Runtime alone on one tile at batch 1 (the
+   model's own rate on this machine, which bounds both). The boxes of both are compared; no
+   per-image cap (--max-det) binds, as SAHI has none.
+3. Throughput, pipeline-bound: the same with the analytic detector, whose cost is near nothing:
+   what is left is each tool's own work per tile (decode, cut, letterbox, post-process, merge),
+   which is what bounds a tool once the model runs on a GPU.
+4. Memory: a 100-megapixel JPEG run with --tile 640 --no-tile-full and without --tile; peak RSS.
 
-    python -m benchmarks.tiling [--images 8] [--work DIR] [--out results.json]
+SAHI runs in its own environment (torch, Ultralytics, SAHI: about 6 GB), which `make
+bench-tiling` makes in .venv-sahi; `--sahi-python` names it. Without it parts 1-4 run for
+bulkdet alone.
+
+    python -m benchmarks.tiling [--images 8] [--sahi-python .venv-sahi/bin/python] [--work DIR] [--out results.json]
 """
 
 from __future__ import annotations
@@ -26,20 +34,23 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
-from PIL import Image
 
+from benchmarks.dataset import jpeg_folder, make_photos
 from benchmarks.run import measure_process
-from benchmarks.yolov8n import ensure_model
+from benchmarks.yolov8n import describe, ensure_model
+from bulkdet.choices import MAX_DET
 from bulkdet.ingest.pack import pack
 from bulkdet.results.report import summarize
-from bulkdet.run.postprocess import nms, split_candidates
-from bulkdet.run.tiles import TileSettings, merge, windows
+from bulkdet.run.tiles import windows
 from bulkdet.store.parts import read_detections
 from bulkdet.synthetic import Rect, build_analytic_detector, write_image
 
-W, H, TILE, SIDE = 4000, 3000, 640, 4
-CONF, IOU = 0.25, 0.45
+PEER = Path(__file__).with_name("sahi_peer.py")
+W, H, TILE, OVERLAP, SIDE = 4000, 3000, 640, 0.2, 4
+# Ultralytics' defaults (SAHI's wrapper passes only conf), so both run the same thresholds.
+CONF, IOU = 0.25, 0.7
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[dict]:
@@ -57,85 +68,165 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[dict]:
     return truth
 
 
-def recall(truth: list[dict], run_dir: Path, within: float = 3.0) -> dict:
-    dets = read_detections(run_dir).to_pylist()
+def recall(truth: list[dict], dets: list[dict], within: float = 3.0) -> dict:
     found = sum(any(d["path"] == t["path"] and d["class_id"] == r[0] and
                     max(abs(a - b) for a, b in zip((d["x1"], d["y1"], d["x2"], d["y2"]), r[1:])) <= within
                     for d in dets) for t in truth for r in t["rects"])
     total = sum(len(t["rects"]) for t in truth)
-    per_class = {}
+    per_class: dict = {}
     for d in dets:
         per_class[(d["path"], d["class_id"])] = per_class.get((d["path"], d["class_id"]), 0) + 1
     return {"found": found, "objects": total, "recall": round(found / total, 3),
             "duplicates": sum(n - 1 for n in per_class.values())}
 
 
-def bulkdet(dataset: Path, model: Path, out: Path, work: Path, *extra) -> dict:
+def bulkdet(dataset: Path, model: Path, out: Path, work: Path, *extra) -> tuple[dict, list[dict]]:
+    """One `bulkdet run` in its own process: timings (the process's and the run's steady rate from
+    its metrics, without process start and model load) and its detections."""
     m = measure_process([sys.executable, "-m", "bulkdet", "run", str(dataset), "--model", str(model), "--out",
-                         str(out), "--overwrite", "-q", *map(str, extra)], work / f"{out.name}.log")
-    return {"wall_s": round(m["wall_s"], 2), "cpu_s": round(m["cpu_s"], 2), "peak_rss_mb": round(m["peak_rss_mb"])}
+                         str(out), "--overwrite", "-q", "--iou", str(IOU), *map(str, extra)], work / f"{out.name}.log")
+    steady = summarize(out)
+    run = {"wall_s": round(m["wall_s"], 2), "cpu_s": round(m["cpu_s"], 2), "peak_rss_mb": round(m["peak_rss_mb"]),
+           "steady_tiles_per_s": round(steady.get("tiles_per_s") or 0, 2)}
+    return run, read_detections(out).to_pylist()
 
 
-def one_image_at_a_time(images: list[Path], model: Path) -> dict:
-    """SAHI's schedule: per image, decode, cut the tiles, one model call per tile, merge."""
+def sahi(python: str, images: Path, model: Path, work: Path, mode: str, batch_size: int = 1) -> tuple[dict, list[dict]]:
+    """SAHI in its own process and environment (benchmarks/sahi_peer.py): timings and detections."""
+    out = work / f"sahi_{model.stem}_{mode}_b{batch_size}.json"
+    m = measure_process([python, str(PEER), str(images), str(model), "--mode", mode, "--tile", str(TILE),
+                         "--overlap", str(OVERLAP), "--conf", str(CONF), "--batch-size", str(batch_size),
+                         "--out", str(out)], out.with_suffix(".log"))
+    r = json.loads(out.read_text())
+    run = {"wall_s": round(m["wall_s"], 2), "cpu_s": round(m["cpu_s"], 2), "peak_rss_mb": round(m["peak_rss_mb"]),
+           "batch_size": batch_size}
+    if r["slices"]:
+        run["steady_tiles_per_s"] = round(r["slices"] / r["loop_s"], 2)
+    return run, r["detections"]
+
+
+def _by_class(dets: list[dict]) -> dict:
+    out: dict = {}
+    for d in dets:
+        out.setdefault((d["path"], d["class_id"]), []).append([d["x1"], d["y1"], d["x2"], d["y2"]])
+    return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, over: str) -> np.ndarray:
+    """Pairwise IoU or IoS (intersection over the smaller box) of two box arrays."""
+    inter = np.prod(np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]),
+                            0, None), axis=2)
+    area_a, area_b = np.prod(a[:, 2:] - a[:, :2], axis=1), np.prod(b[:, 2:] - b[:, :2], axis=1)
+    if over == "ios":
+        return inter / np.maximum(np.minimum(area_a[:, None], area_b[None, :]), 1e-9)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def agreement(ours: list[dict], theirs: list[dict], iou: float = 0.9) -> dict:
+    """The two ran the same model on the same tiles: how many of each one's boxes the other has
+    (same image and class, IoU >= iou), and how many boxes each left that still match another of
+    their class by the merge's own rule (IoS > 0.5): fragments the merge should have joined."""
+    a, b = _by_class(ours), _by_class(theirs)
+
+    def found(x: dict, y: dict) -> int:
+        return sum(int((_overlap(boxes, y[k], "iou") >= iou).any(axis=1).sum()) for k, boxes in x.items() if k in y)
+
+    def unmerged(x: dict) -> int:
+        n = 0
+        for boxes in x.values():
+            m = _overlap(boxes, boxes, "ios") > 0.5
+            np.fill_diagonal(m, False)
+            n += int(m.any(axis=1).sum())
+        return n
+
+    return {"bulkdet_boxes": len(ours), "sahi_boxes": len(theirs),
+            "sahi_found_by_bulkdet": round(found(b, a) / max(len(theirs), 1), 3),
+            "bulkdet_found_by_sahi": round(found(a, b) / max(len(ours), 1), 3),
+            "bulkdet_unmerged": unmerged(a), "sahi_unmerged": unmerged(b)}
+
+
+def model_only(model: Path, seconds: float = 10.0) -> float:
+    """ONNX Runtime alone (its default session), one 640 x 640 tile at a time: tiles/s."""
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    settings = TileSettings(TILE, full=False)
-    tiles = 0
-    t0 = time.perf_counter()
-    for path in images:
-        rgb = np.asarray(Image.open(path).convert("RGB"))
-        parts = []
-        for x0, y0, x1, y1 in windows(rgb.shape[1], rgb.shape[0], TILE, settings.overlap).tolist():
-            x = np.ascontiguousarray(rgb[y0:y1, x0:x1].transpose(2, 0, 1)[None], np.float32) / 255.0
-            boxes, scores, classes = split_candidates(session.run(None, {name: x})[0], "yolov8")
-            keep = np.flatnonzero(scores[0] > CONF)
-            b, s, c = boxes[0][keep], scores[0][keep], classes[0][keep]
-            kept = nms(b + (c * 1e5)[:, None], s, IOU) if len(s) else np.zeros(0, np.int64)
-            parts.append((b[kept] + [x0, y0, x0, y0], s[kept], c[kept], np.ones(len(kept), bool)))
-            tiles += 1
-        merge(*(np.concatenate(p) for p in zip(*parts)), settings, 300)
-    wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 2), "tiles": tiles, "tiles_per_s": round(tiles / wall, 2)}
+    x = {session.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, TILE, TILE), dtype=np.float32)}
+    session.run(None, x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        session.run(None, x)
+        n += 1
+    return round(n / (time.perf_counter() - t0), 2)
+
+
+def with_ultralytics_metadata(src: Path, dst: Path, names: list[str]) -> Path:
+    m = onnx.load(str(src))
+    describe(m, f"{src.stem}, for benchmarks", names)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def ratio(a: dict, b: dict, key: str = "steady_tiles_per_s") -> float:
+    return round(a[key] / b[key], 2)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--sahi-python", default=None, help="the python of the SAHI environment (.venv-sahi/bin/python)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="write the results here (JSON)")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bulkdet-tiling-"))
-    truth = make_images(work / "src", args.images)
-    pack(work / "src", work / "ds", quiet=True)
-    analytic = build_analytic_detector(work / "analytic.onnx")
+    src = work / "src"
+    truth = make_images(src, args.images)
+    pack(src, work / "ds", quiet=True)
+    analytic = with_ultralytics_metadata(build_analytic_detector(work / "analytic.onnx"), work / "analytic.onnx",
+                                         ["red", "green", "blue"])
     yolo = ensure_model(work / "models")
-    r: dict = {"images": args.images, "size": [W, H], "tile": TILE, "square_px": SIDE}
+    n_tiles = len(windows(W, H, TILE, OVERLAP)) * args.images
+    r: dict = {"images": args.images, "size": [W, H], "tile": TILE, "overlap": OVERLAP, "tiles": n_tiles,
+               "square_px": SIDE, "conf": CONF, "iou": IOU}
+    peer = args.sahi_python
 
-    # 1. recall
+    # 1 and 3. recall, and the pipeline-bound rate (the analytic detector costs next to nothing)
     tile = ("--tile", TILE)
-    for label, extra in (("no_tiles", ()), ("tiles", tile + ("--no-tile-full",)), ("tiles_full", tile)):
-        bulkdet(work / "ds", analytic, work / f"recall_{label}", work, *extra)
-        r[f"recall_{label}"] = recall(truth, work / f"recall_{label}")
-
-    # 2. tiles/s: batched across images (bulkdet) vs one image at a time (SAHI's loop)
-    run = bulkdet(work / "ds", yolo, work / "yolo_tiles", work, *tile, "--no-tile-full")
-    n_tiles = len(windows(W, H, TILE, 0.2)) * args.images
-    steady = summarize(work / "yolo_tiles")  # the pipeline's own rate, without process start and model load
-    r["bulkdet_tiles"] = {**run, "tiles": n_tiles, "tiles_per_s": round(n_tiles / run["wall_s"], 2),
-                          "steady_tiles_per_s": round(steady["tiles_per_s"], 2)}
-    r["one_image_at_a_time"] = one_image_at_a_time(sorted((work / "src").glob("*.jpg")), yolo)
-    r["tiles_per_s_ratio"] = round(r["bulkdet_tiles"]["tiles_per_s"] / r["one_image_at_a_time"]["tiles_per_s"], 2)
-
+    for label, extra, mode in (("no_tiles", (), "standard"), ("tiles", tile + ("--no-tile-full",), "sliced"),
+                               ("tiles_full", tile, "sliced_full")):
+        run, dets = bulkdet(work / "ds", analytic, work / f"analytic_{label}", work, *extra)
+        r[f"bulkdet_analytic_{label}"] = {**run, **recall(truth, dets)}
+        if peer:
+            run, dets = sahi(peer, src, analytic, work, mode)
+            r[f"sahi_analytic_{mode}"] = {**run, **recall(truth, dets)}
+    if peer:
+        run, _ = sahi(peer, src, analytic, work, "sliced", batch_size=8)
+        r["sahi_analytic_sliced_b8"] = run
+        best = max(r["sahi_analytic_sliced"], run, key=lambda x: x["steady_tiles_per_s"])
+        r["pipeline_bound_ratio"] = ratio(r["bulkdet_analytic_tiles"], best)
     print(json.dumps(r, indent=1), flush=True)
 
-    # 3. memory: one 100-megapixel JPEG (10000 x 10000), tiled and not
+    # 2. the model-bound rate: YOLOv8n on every tile
+    photos = jpeg_folder(make_photos(work / "photos-gen", args.images, size=(W, H)), work / "photos")
+    pack(photos, work / "ds_photos", quiet=True)
+    r["model_only_tiles_per_s"] = {"yolov8n": model_only(yolo), "analytic": model_only(analytic)}
+    run, ours = bulkdet(work / "ds_photos", yolo, work / "yolo_tiles", work, *tile, "--no-tile-full",
+                        "--max-det", MAX_DET)
+    r["bulkdet_yolo_tiles"] = run
+    if peer:
+        for b in (1, 8):
+            run, theirs = sahi(peer, photos, yolo, work, "sliced", batch_size=b)
+            r[f"sahi_yolo_sliced_b{b}"] = run
+        r["yolo_agreement"] = agreement(ours, theirs)
+        best = max(r["sahi_yolo_sliced_b1"], r["sahi_yolo_sliced_b8"], key=lambda x: x["steady_tiles_per_s"])
+        r["model_bound_ratio"] = ratio(r["bulkdet_yolo_tiles"], best)
+        r["model_bound_ratio_wall"] = ratio(best, r["bulkdet_yolo_tiles"], "wall_s")
+    print(json.dumps(r, indent=1), flush=True)
+
+    # 4. memory: one 100-megapixel JPEG (10000 x 10000), tiled and not
     (work / "big").mkdir(exist_ok=True)
     write_image(work / "big" / "big.jpg", 10_000, 10_000, [Rect(0, 5000, 5000, 5000 + SIDE, 5000 + SIDE)])
     pack(work / "big", work / "ds_big", quiet=True, max_pixels=200_000_000)
     r["memory_100mp"] = {
-        "tiles": bulkdet(work / "ds_big", analytic, work / "big_tiles", work, *tile, "--no-tile-full"),
-        "no_tiles": bulkdet(work / "ds_big", analytic, work / "big_plain", work),
+        "tiles": bulkdet(work / "ds_big", analytic, work / "big_tiles", work, *tile, "--no-tile-full")[0],
+        "no_tiles": bulkdet(work / "ds_big", analytic, work / "big_plain", work)[0],
     }
     print(json.dumps(r, indent=1))
     if args.out:

@@ -39,7 +39,7 @@ from benchmarks.dataset import photo_like
 from bulkdet.store.atomic import atomic_path
 
 # Bump when anything changes the exported model; it is part of the cache name.
-MODEL_VERSION = "v1"
+MODEL_VERSION = "v2"
 
 COCO_NAMES = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -372,23 +372,32 @@ def export_onnx(path: str | Path, seed: int = 0, opset: int = 17, verbose: bool 
         m = onnx.load(str(tmp))
         # The tracer loses the static 84 through the dynamic reshapes; restore it.
         m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4 + NC
-        meta = {
-            "description": f"Random-weight YOLOv8n-architecture model for benchmarks "
-                           f"(bulkdet benchmarks.yolov8n {MODEL_VERSION}, seed {seed}); "
-                           f"detections are meaningless",
-            "author": "bulkdet benchmarks",
-            "version": MODEL_VERSION,
-            "task": "detect",
-            "stride": "32",
-            "imgsz": "[640, 640]",
-            "names": str(dict(enumerate(COCO_NAMES))),
-        }
-        for k, v in meta.items():
-            m.metadata_props.add(key=k, value=v)
+        describe(m, f"Random-weight YOLOv8n-architecture model for benchmarks (bulkdet benchmarks.yolov8n "
+                    f"{MODEL_VERSION}, seed {seed}); detections are meaningless", COCO_NAMES)
         onnx.checker.check_model(m)
         onnx.save(m, str(tmp))
         _check_onnx(tmp, verbose)
     return path
+
+
+def describe(m: onnx.ModelProto, description: str, names: list[str]) -> None:
+    """Write the metadata Ultralytics' exporter writes, so that Ultralytics (and SAHI through it)
+    runs the file at its best: `args` says the batch and input sizes are dynamic (without it
+    Ultralytics runs an ONNX file as static batch 1 at its export size)."""
+    meta = {
+        "description": description,
+        "author": "bulkdet benchmarks",
+        "version": MODEL_VERSION,
+        "task": "detect",
+        "stride": "32",
+        "batch": "1",
+        "imgsz": "[640, 640]",
+        "names": str(dict(enumerate(names))),
+        "args": str({"batch": 1, "dynamic": True, "half": False, "int8": False, "nms": False, "imgsz": 640}),
+    }
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        m.metadata_props.add(key=k, value=v)
 
 
 def _check_onnx(path: Path, verbose: bool = False) -> None:
