@@ -12,8 +12,9 @@ ONNX Runtime's CUDA provider) it:
   c. measures on data it generates: decode only (DALI "mixed", hw_decoder_load 0, 0.65 and 0.9,
      1080p and small JPEGs), model only (ONNX Runtime CUDA at the batches bulkdet plans, FP32 and
      FP16), end to end (bulkdet's runner: FP32, FP32 with NMS in the model, FP16 with NMS in the
-     model), the naive script on the GPU (PIL + ONNX Runtime CUDA at batch 1), and CPU-vs-GPU
-     parity of boxes on the analytic detector;
+     model), the naive script on the GPU (PIL + ONNX Runtime CUDA at batch 1), CPU-vs-GPU
+     parity of boxes on the analytic detector, and sliced inference (`--tile 640`) on 4000x3000
+     JPEGs: the analytic detector's seam and corner boxes on CPU and GPU, the model's tiles/s;
   d. writes gpu-check-<host>-<time>.json to $OUT when set, else to benchmarks/results/ (again
      after every section, so a killed check keeps what it measured), and prints a table.
 
@@ -82,16 +83,18 @@ class Sizes:
     hd: int  # 1920x1080 JPEGs (decode only)
     small: int  # 64x48 JPEGs (decode only)
     demo: int  # analytic-detector images with known boxes (parity)
+    tiled: int  # 4000x3000 JPEGs with 4 px squares at tile seams (--tile 640: 48 tiles each), packed
+    # once for parity and `copies` times for tiles/s
     measure_s: float  # least seconds per timed measurement (whole passes over its batches)
     e2e_cap_s: float  # an end-to-end run stops after this long; its rate is of what it did
     naive_cap_s: float
 
 
-GPU_SIZES = Sizes(mix=480, copies=20, hd=256, small=1024, demo=48, measure_s=3.0, e2e_cap_s=15.0, naive_cap_s=10.0)
-CPU_SIZES = Sizes(mix=8, copies=1, hd=4, small=32, demo=12, measure_s=0.2, e2e_cap_s=60.0, naive_cap_s=5.0)
+GPU_SIZES = Sizes(mix=480, copies=20, hd=256, small=1024, demo=48, tiled=8, measure_s=3.0, e2e_cap_s=15.0, naive_cap_s=10.0)
+CPU_SIZES = Sizes(mix=8, copies=1, hd=4, small=32, demo=12, tiled=1, measure_s=0.2, e2e_cap_s=60.0, naive_cap_s=5.0)
 
 # Longest each section may take (seconds); all of them together stay within --budget-s.
-LIMITS = {"prepare": 120, "parity": 45, "decode": 10, "fp16": 60, "model": 40, "e2e": 35, "naive": 25}
+LIMITS = {"prepare": 150, "parity": 45, "tiles": 60, "decode": 10, "fp16": 60, "model": 40, "e2e": 35, "naive": 25}
 PYTEST_LIMIT_S = 150
 
 
@@ -275,6 +278,7 @@ def finish_gpu_tests(proc: subprocess.Popen, xml: Path, log: Path, timeout_s: fl
 def prepare(data: Path, sizes: Sizes, model_choice: str, workers: int) -> dict:
     """Generate the images, pack them, build the models. Reuses what an earlier run made."""
     from benchmarks.dataset import jpeg_folder, make_jpeg_mix, make_photos, make_small_images
+    from benchmarks.tiling import make_images as make_tile_images
     from bulkdet.synthetic import build_analytic_detector, make_demo_images
     from bulkdet.ingest.pack import pack
 
@@ -288,6 +292,10 @@ def prepare(data: Path, sizes: Sizes, model_choice: str, workers: int) -> dict:
     }
     folders["demo"] = data / "demo" / "images"
     truth = make_demo_images(folders["demo"], n=sizes.demo, truth_path=data / "demo" / "truth.json")
+    folders["tiles"] = data / "tiles" / "images"
+    tile_truth = make_tile_images(folders["tiles"], sizes.tiled)
+    folders["tiles_many"] = jpeg_folder(sorted(folders["tiles"].glob("*.jpg")), data / "tiles_many" / "images",
+                                        copies=sizes.copies)
     generate_s = time.perf_counter() - t0
     datasets = {}
     for name, folder in folders.items():
@@ -303,11 +311,12 @@ def prepare(data: Path, sizes: Sizes, model_choice: str, workers: int) -> dict:
             models.update(fp32=ensure_model(data / "models"), name="YOLOv8n architecture, random weights")
         except ImportError as exc:  # e.g. a venv made without the bench extra: still a dry run
             models["fallback"] = f"no YOLOv8n ({exc}): the benchmark model is the analytic detector"
-    return {"datasets": datasets, "mix_images": mix, "truth": truth, "models": models,
+    return {"datasets": datasets, "mix_images": mix, "truth": truth, "tile_truth": tile_truth, "models": models,
             "generate_s": round(generate_s, 2), "pack_s": round(pack_s, 2),
             "model_s": round(time.perf_counter() - t0 - generate_s - pack_s, 2),
             "images": {"mix_unique": sizes.mix, "mix_rows": sizes.mix * sizes.copies, "1080p": sizes.hd,
-                       "small_64x48": sizes.small, "demo": sizes.demo}}
+                       "small_64x48": sizes.small, "demo": sizes.demo, "tiled_4000x3000": sizes.tiled,
+                       "tiled_rows": sizes.tiled * sizes.copies}}
 
 
 def fp16_model(fp32: Path, cache: Path) -> Path:
@@ -428,15 +437,17 @@ def model_only(model: Path, dataset: Path, device: str, measure_s: float) -> dic
 
 
 def end_to_end(dataset: Path, model: Path, out: Path, device: str, cap_s: float, cache: Path,
-               precision: str = "fp32", nms_in_model: bool = False) -> dict:
+               precision: str = "fp32", nms_in_model: bool = False, tile: int = 0) -> dict:
     """bulkdet's runner (what `bulkdet run` calls), stopped after cap_s like a Ctrl-C: the steady
     rate is of the batches done, from the run's own metrics (first batch out to last)."""
     from bulkdet.results.report import summarize
     from bulkdet.run.runner import RunConfig, run
+    from bulkdet.run.tiles import TileSettings
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = RunConfig(dataset=dataset, model=model, out=out, device=device, backend="onnxruntime",
-                    precision=precision, nms_in_model=nms_in_model, quiet=True, cache_dir=cache)
+                    precision=precision, nms_in_model=nms_in_model, quiet=True, cache_dir=cache,
+                    tiles=TileSettings(tile, full=False))
     complete = True
     t0 = time.perf_counter()
     try:
@@ -457,6 +468,7 @@ def end_to_end(dataset: Path, model: Path, out: Path, device: str, cap_s: float,
             "stage_busy_share": {k: round(v, 3) for k, v in (s.get("stage_busy_share") or {}).items()},
             "detections": s.get("detections"), "failed": s.get("failed"),
             "threads": run_json.get("threads"), "mean_batch": (run_json.get("plan") or {}).get("mean_batch"),
+            **({"tiles_per_s": round(s["tiles_per_s"], 1)} if s.get("tiles_per_s") else {}),
             **first_calls(out)}
 
 
@@ -531,6 +543,37 @@ def parity(dataset: Path, truth: list[dict], analytic: Path, runs: Path, gpu: bo
     result["passed"] = (not result["cpu_truth_problems"] and
                         (not gpu or (result["same_objects"] and result["max_box_diff_px"] <= 1.0
                                      and not result["gpu_truth_problems"])))
+    return result
+
+
+def tiled_parity(dataset: Path, truth: list[dict], analytic: Path, runs: Path, gpu: bool, cache: Path) -> dict:
+    """`--tile 640 --no-tile-full` with the analytic detector on 4000x3000 JPEGs whose 4 px squares
+    sit anywhere, on a tile seam and at a tile corner: on the CPU, and on the GPU (DALI's region
+    decode and slicing there) when there is one; every square found within 3 px, no duplicate,
+    and the GPU's boxes within 1 px of the CPU's."""
+    import numpy as np
+
+    from benchmarks.tiling import TILE, recall
+    from bulkdet.run.runner import RunConfig, run
+    from bulkdet.run.tiles import TileSettings
+    from bulkdet.store.parts import read_detections
+
+    boxes, result = {}, {"images": len(truth)}
+    for device in ("cpu", "gpu") if gpu else ("cpu",):
+        out = runs / f"tiles-{device}"
+        shutil.rmtree(out, ignore_errors=True)
+        run(RunConfig(dataset=dataset, model=analytic, out=out, device=device, backend="onnxruntime",
+                      quiet=True, cache_dir=cache, tiles=TileSettings(TILE, full=False)))
+        rows = read_detections(out).to_pylist()
+        boxes[device] = {(r["path"], r["class_id"]): np.array([r["x1"], r["y1"], r["x2"], r["y2"]]) for r in rows}
+        result[device] = recall(truth, rows)
+    if gpu:
+        common = boxes["cpu"].keys() & boxes["gpu"].keys()
+        result["same_objects"] = boxes["cpu"].keys() == boxes["gpu"].keys()
+        result["max_box_diff_px"] = round(max((float(np.abs(boxes["cpu"][k] - boxes["gpu"][k]).max())
+                                               for k in common), default=0.0), 3)
+    result["passed"] = all(result[d]["recall"] == 1.0 and not result[d]["duplicates"] for d in boxes) and (
+        not gpu or (result["same_objects"] and result["max_box_diff_px"] <= 1.0))
     return result
 
 
@@ -657,6 +700,9 @@ def run_check(args, result: dict, path: Path) -> dict:
 
     check.section(("parity",), lambda: parity(ds["demo"], prep["truth"], models["analytic"], runs, gpu, cache),
                   LIMITS["parity"])
+    check.section(("tiles", "parity"),
+                  lambda: tiled_parity(ds["tiles"], prep["tile_truth"], models["analytic"], runs, gpu, cache),
+                  LIMITS["tiles"])
     for name in ("1080p", "small"):
         for load in HW_DECODER_LOADS if gpu else (None,):
             key = "cpu" if load is None else f"hw_decoder_load={load}"
@@ -681,6 +727,10 @@ def run_check(args, result: dict, path: Path) -> dict:
                   LIMITS["naive"])
     e2e("fp32_nms_in_model", "fp32", True)
     e2e("fp16_nms_in_model", "fp16", True)
+    check.section(("tiles", "fp32"),  # the images are counted whole; tiles_per_s is the figure here
+                  lambda: end_to_end(ds["tiles_many"], models["fp32"], runs / "e2e-tiles", device, sizes.e2e_cap_s,
+                                     cache, tile=640),
+                  LIMITS["e2e"] + sizes.e2e_cap_s)
     return result
 
 
@@ -722,6 +772,15 @@ def print_table(result: dict) -> None:
         con.print(f"parity on {p['images']} analytic-detector images: "
                   + ("[green]passed[/green]" if p["passed"] else "[red]FAILED[/red]")
                   + (f", CPU vs GPU max box difference {p['max_box_diff_px']} px" if "max_box_diff_px" in p else ""))
+    tiles = result.get("tiles") or {}
+    if tiles.get("parity"):
+        tp = tiles["parity"]
+        con.print(f"--tile 640 on {tp['images']} 4000x3000 images (squares at seams and a corner): "
+                  + ("[green]passed[/green]" if tp["passed"] else "[red]FAILED[/red]")
+                  + (f", CPU vs GPU max box difference {tp['max_box_diff_px']} px" if "max_box_diff_px" in tp else ""))
+    if tiles.get("fp32"):
+        con.print(f"--tile 640, model fp32: {tiles['fp32'].get('tiles_per_s')} tiles/s "
+                  f"(bottleneck {tiles['fp32'].get('bottleneck')})")
     tests = result.get("pytest_gpu")
     if tests:
         con.print(f"pytest -m gpu: {tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.dataset import jpeg_folder, make_jpeg_mix, make_small_images
-from benchmarks.yolov8n import ensure_model
 from bulkdet.synthetic import build_analytic_detector
 from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, default_pixel_budget, plan
 from bulkdet.run.runner import default_threads, environment, usable_cores
@@ -340,6 +339,8 @@ def main(argv=None) -> dict:
                             "quick": args.quick, "repeat": args.repeat},
                "machine": machine()}
     print(f"bench: preparing model and {n} images under {data} ...", flush=True)
+    from benchmarks.yolov8n import ensure_model  # torch: only here (benchmarks.tiling imports this module)
+
     model = ensure_model(data / "models")
     tiny = build_analytic_detector(data / "models" / "analytic.onnx")
     mix = data / f"mix-{n}"

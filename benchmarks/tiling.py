@@ -39,7 +39,6 @@ import onnxruntime as ort
 
 from benchmarks.dataset import jpeg_folder, make_photos
 from benchmarks.run import measure_process
-from benchmarks.yolov8n import describe, ensure_model
 from bulkdet.choices import MAX_DET
 from bulkdet.ingest.pack import pack
 from bulkdet.results.report import summarize
@@ -158,6 +157,8 @@ def model_only(model: Path, seconds: float = 10.0) -> float:
 
 
 def with_ultralytics_metadata(src: Path, dst: Path, names: list[str]) -> Path:
+    from benchmarks.yolov8n import describe  # torch: imported only where needed (gpu_check imports this module)
+
     m = onnx.load(str(src))
     describe(m, f"{src.stem}, for benchmarks", names)
     onnx.save(m, str(dst))
@@ -181,6 +182,8 @@ def main(argv=None) -> dict:
     pack(src, work / "ds", quiet=True)
     analytic = with_ultralytics_metadata(build_analytic_detector(work / "analytic.onnx"), work / "analytic.onnx",
                                          ["red", "green", "blue"])
+    from benchmarks.yolov8n import ensure_model
+
     yolo = ensure_model(work / "models")
     n_tiles = len(windows(W, H, TILE, OVERLAP)) * args.images
     r: dict = {"images": args.images, "size": [W, H], "tile": TILE, "overlap": OVERLAP, "tiles": n_tiles,

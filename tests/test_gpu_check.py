@@ -44,6 +44,9 @@ def test_dry_run_writes_every_figure_and_leaves_the_gpu_ones_null(tmp_path):
     assert res["naive"]["images"] >= 1
     parity = res["parity"]
     assert parity["passed"] and parity["cpu_boxes"] >= sizes.demo and not parity["cpu_truth_problems"]
+    tiles = res["tiles"]  # --tile 640: every square at a seam or a corner found once, exactly
+    assert tiles["parity"]["passed"] and tiles["parity"]["cpu"]["found"] == 3 * sizes.tiled
+    assert tiles["fp32"]["complete"] and tiles["fp32"]["images"] == sizes.tiled and tiles["fp32"]["tiles_per_s"] > 0
     tests = res["pytest_gpu"]
     assert tests["files"] and tests["failed"] == tests["errors"] == 0
     assert tests["passed"] + tests["skipped"] >= 1
