@@ -50,6 +50,55 @@ def test_decode_budget_counts_the_window_decoded_per_image():
     assert region == [(0, [0, 1], (0, 0, 1280, 640))]
 
 
+def _completions(p) -> tuple[list[int], int]:
+    """Walking the plan in run order: the batch at which each image got its last item, and the
+    most images pending (some items run, not all) after any batch."""
+    seen: dict[int, int] = {}
+    done, most = [], 0
+    for k, batch in enumerate(p):
+        for image_id, items in zip(batch.image_ids.tolist(), batch.tiles.items.tolist()):
+            seen[image_id] = seen.get(image_id, 0) + 1
+            if seen[image_id] == items:
+                done.append(k)
+                del seen[image_id]
+        most = max(most, len(seen))
+    assert not seen
+    return done, most
+
+
+def test_images_complete_steadily_with_the_full_pass():
+    """--tile-full puts an image's items in two buckets (tiles, full pass): the batches of the
+    buckets run merged by first image, so the first images complete after a few batches and
+    pending images stay within a batch a bucket, while the batches stay full."""
+    n = 40  # per shard: landscape images, a few portrait ones, a few not tiled
+    sizes = [(700, 1500) if i % 7 == 3 else (300, 200) if i % 9 == 5 else (1500, 700) for i in range(n)]
+    rows = pa.table({"image_id": list(range(2 * n)), "shard": [0] * n + [1] * n,
+                     "width": [w for w, _ in sizes] * 2, "height": [h for _, h in sizes] * 2,
+                     "path": [f"{i}.jpg" for i in range(2 * n)], "key": [i.to_bytes(2, "big") for i in range(2 * n)]})
+    items = expand(rows, TileSettings(640))
+    budget = 2 * 640 * 640  # two tiles a batch, four 320x640 full passes
+    p = plan(items, 640, 8, pixel_budget=budget)
+    cols = ("image_id", "tile_x", "tile_y", "width", "height")
+    assert sorted(zip(*(p.table.column(c).to_pylist() for c in cols))) == \
+        sorted(zip(*(items.column(c).to_pylist() for c in cols)))  # every item once
+    buckets: dict[tuple, int] = {}
+    for shard, h, w in zip(p.shard.tolist(), *zip(*[b.input_hw for b in p for _ in range(len(b))])):
+        buckets[shard, h, w] = buckets.get((shard, h, w), 0) + 1
+    full_batches = sum(-(-count // min(8, budget // (h * w))) for (_, h, w), count in buckets.items())
+    assert len(p) == full_batches  # as many batches as bucket after bucket: all full but each bucket's last
+
+    shard = p.shard[p.starts[:-1]]
+    assert shard.tolist() == sorted(shard.tolist())  # still shard after shard
+    done, most = _completions(p)
+    per_bucket = {}
+    for b in p:
+        per_bucket[b.input_hw] = max(per_bucket.get(b.input_hw, 0), len(np.unique(b.image_ids)))
+    assert most <= sum(per_bucket.values()) < n // 3  # not every image of the shard waiting for its tiles
+    shard_batches = int((shard == 0).sum())
+    assert done[0] <= 4 < shard_batches // 10  # the first image: its full pass's batch and its three of tiles
+    assert sum(k < shard_batches // 2 for k in done) >= 0.4 * n  # half the shard's batches: ~half its images
+
+
 def test_merge_seam_corner_and_full_pass():
     s = TileSettings(640)
     whole = [630, 630, 650, 650]
