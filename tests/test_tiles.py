@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -205,6 +206,32 @@ def test_tiles_of_several_images_share_batches_and_the_report_counts_them(tiled_
     assert sum(r["batch_size"] for r in m) == expected_tiles + len(SPECS)  # + one full pass each
     r = cli("report", tiled_run)
     assert r.exit_code == 0 and "tiles/s" in r.output
+
+
+def test_the_cpu_fallback_counts_images_not_tiles(analytic_model, cli, tmp_path):
+    """A GIF (DALI's parser does not read GIF: the Pillow fallback) whose tiles span four batches,
+    each decoding its own window (a decode budget under the image's pixels, no full pass): one
+    image decoded by the fallback, counted once in the summary and in run.json; its square found."""
+    from PIL import Image
+
+    from bulkdet.ingest.pack import pack
+
+    (tmp_path / "src").mkdir()
+    picture = Image.new("RGB", (1500, 700), (90, 90, 90))
+    picture.paste((255, 0, 0), (700, 300, 720, 320))
+    picture.save(tmp_path / "src" / "wide.gif")
+    pack(tmp_path / "src", tmp_path / "ds", quiet=True)
+    budget = 2 * 640 * 640  # two tiles a batch
+    r = cli("run", tmp_path / "ds", "--model", analytic_model, "--out", tmp_path / "run", *TILE, "--no-tile-full",
+            "--pixel-budget", budget, "--decode-budget", budget, "-q")
+    assert r.exit_code == 0, r.output
+    assert "1 image(s) decoded by the CPU fallback" in r.output
+    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_json["totals"]["fallback_decoded"] == 1
+    # 6 tiles in 4 batches: the decode budget keeps a row's last tile from the next row's first
+    assert len(pq.read_table(tmp_path / "run" / "metrics.parquet")) == 4
+    assert [(d["class_id"], d["x1"], d["y1"], d["x2"], d["y2"]) for d in _detections(tmp_path / "run")] == \
+        [(0, 700, 300, 720, 320)]
 
 
 def test_tile_options_are_checked_when_parsed(analytic_model, cli, tmp_path):

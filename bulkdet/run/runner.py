@@ -326,7 +326,7 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
     batches = plan(items, cfg.imgsz, processor.max_batch, stride=model.stride, fixed_hw=model.fixed_shape,
                    pixel_budget=cfg.pixel_budget or default_pixel_budget(device, input_hw[0], processor.max_batch),
                    decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
-    fallback_decoded = 0
+    fallback_images: set[int] = set()  # decoded by the CPU fallback (a tiled image counts once, however many batches)
     splits_before = processor.infer.splits
     log.info("device=%s backend=%s provider=%s buckets=%s batches=%d threads=%s", device, engine.name,
              engine.provider, ",".join(batches.stats["images_per_bucket"]) or "-", len(batches), processor.threads)
@@ -345,10 +345,9 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
         work.encoded_bytes = sum(len(data) for data in got.values() if not isinstance(data, Unreadable))
 
     def decode(work: _Work):
-        nonlocal fallback_decoded
         work.decoded = decoder.decode(work.batch, work.encoded)
         work.decoded.errors.update({i: u.error for i, u in work.unreadable.items()})
-        fallback_decoded += len(work.decoded.fallback)
+        fallback_images.update(work.batch.image_ids[work.decoded.fallback].tolist())
         work.decoded.tensor = engine.stage(work.decoded.tensor)  # GPU: into the engine's input buffer
         work.encoded = None  # each stage drops what later stages do not need: bounded memory
 
@@ -395,7 +394,7 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
     pipeline.run(_Work(b) for b in batches)
     if assembler is not None and assembler.pending:  # every item ran: an image left is a bug, not a result
         raise RuntimeError(f"{len(assembler.pending)} tiled image(s) did not get all their tiles")
-    return StageResult(batches.stats, fallback_decoded, processor.infer.splits - splits_before)
+    return StageResult(batches.stats, len(fallback_images), processor.infer.splits - splits_before)
 
 
 def usable_cores() -> int:
