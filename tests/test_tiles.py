@@ -255,6 +255,50 @@ def test_tile_settings_are_part_of_the_run_identity(big_dataset, tiled_run, anal
     assert read_detections(tiled_run).to_pylist() == before
 
 
+def test_check_precision_merges_an_images_items_and_leaves_out_failed_images(analytic_model, tmp_path):
+    """The check on tile items compares images, not items: a square cut by a seam (seen whole by
+    one tile, as a fragment by the other, and by the full pass) is one box of one image; an image
+    that fails to decode is left out."""
+    from bulkdet.engines import create_engine
+    from bulkdet.run.decode import Decoder
+    from bulkdet.run.precision_check import Detector, check_precision
+
+    good = write_image(tmp_path / "a.png", 1500, 700, [Rect(0, 630, 300, 650, 320)], fmt="png").read_bytes()
+    data = {b"a": good, b"b": b"\xff\xd8\xff\xe0 not really a jpeg"}
+    rows = pa.table({"image_id": [0, 1], "shard": [0, 0], "width": [1500, 1500], "height": [700, 700],
+                     "path": ["a.png", "b.jpg"], "key": [b"a", b"b"]})
+    settings = TileSettings(640)
+    batches = plan(expand(rows, settings), 640, 4, pixel_budget=2 * 640 * 640)
+    engine = create_engine("onnxruntime", analytic_model)
+    detect = [Detector(engine, Decoder("cpu", 4, 1), lambda outputs: "yolov8", 0.25, 0.45, 300) for _ in range(2)]
+    report = check_precision(batches, lambda b: [data[key] for key in b.keys], *detect, "fp16", settings)
+    engine.close()
+    d = report.as_dict()
+    assert (d["images"], d["reference_boxes"], d["matched"], d["drifting"]) == (1, 1, 1, 0)
+
+
+@pytest.mark.slow
+def test_check_precision_compares_the_tiles_the_run_runs(big_dataset, analytic_model, cli, tmp_path):
+    """--check-precision with --tile: both models run the run's items (tiles and full passes),
+    merged per image as the run merges them, so the FP32 reference finds each small square the
+    run finds (whole images at 640 would miss most of them), box for box."""
+    from bulkdet.store.manifest import read_manifest
+
+    dataset, _ = big_dataset
+    out = tmp_path / "run"
+    r = cli("run", dataset, "--model", analytic_model, "--out", out, *TILE, *BATCH, "--nms-in-model",
+            "--check-precision", 2, "--cache-dir", tmp_path / "cache", "-q")
+    assert r.exit_code == 0, r.output
+    assert "precision check, fp32+nms vs fp32 on 2 images" in r.output
+    check = json.loads((out / "run.json").read_text())["precision_check"]
+    first = read_manifest(dataset).sort_by([("shard", "ascending"), ("image_id", "ascending")])
+    checked = set(first.column("image_id").to_pylist()[:2])
+    boxes = sum(d["image_id"] in checked for d in _detections(out))
+    assert boxes == 6  # three squares an image, all found by the run
+    assert check["images"] == 2 and check["reference_boxes"] == check["boxes"] == check["matched"] == boxes
+    assert check["drifting"] == 0 and check["min_iou"] == 1.0
+
+
 @pytest.mark.slow
 def test_kill_9_mid_image_then_resume_gives_identical_output(big_dataset, tiled_run, analytic_model, tmp_path):
     """Killed after the first committed image, while later images have only some tiles done:
