@@ -67,3 +67,54 @@ def test_tiles_are_cut_from_the_upright_image_by_dali_and_by_the_fallback(tmp_pa
             np.testing.assert_allclose(pillow_letterbox(data, batch, i), window, atol=1e-6)
             tiles += 1
     assert tiles == 20 and len(batches) == 5  # 5 x 4 tiles, the last column and row shifted inside
+
+
+def test_an_image_the_fallback_decoded_is_kept_for_its_next_tiles():
+    """A GIF (DALI's parser does not read GIF) whose tiles span batches: Pillow decodes it once,
+    the later batches cut their tiles from the image kept, as for an image DALI decoded."""
+    import pyarrow as pa
+
+    from bulkdet.run.plan import plan
+    from bulkdet.run.tiles import TileSettings, expand
+
+    picture = Image.new("RGB", (900, 700), (90, 90, 90))
+    picture.paste((255, 0, 0), (600, 420, 660, 690))
+    buf = io.BytesIO()
+    picture.save(buf, "GIF")
+    upright = np.asarray(picture)
+    rows = pa.table({"image_id": [0], "shard": [0], "width": [900], "height": [700], "path": ["a"], "key": [b"a"]})
+    batches = list(plan(expand(rows, TileSettings(256, overlap=0.25, full=False)), 256, 4))
+    decoder = Decoder("cpu", max_batch=4, num_threads=1)
+    fallback = []
+    for batch in batches:
+        out = decoder.decode(batch, [buf.getvalue()] * len(batch))
+        assert out.errors == {}
+        fallback.append(out.fallback)
+        for i in range(len(batch)):
+            x, y = int(batch.tiles.x[i]), int(batch.tiles.y[i])
+            np.testing.assert_allclose(out.tensor[i], upright[y:y + 256, x:x + 256].transpose(2, 0, 1) / 255.0,
+                                       atol=1e-6)
+    assert fallback == [[0]] + [[]] * (len(batches) - 1) and len(batches) == 5
+
+
+def test_the_full_pass_of_an_image_over_the_decode_budget_is_not_kept():
+    """The full pass decodes an image whole, whatever its size; the decoder keeps for the next
+    batches only what the decode budget allows (its tiles are then decoded by region)."""
+    import pyarrow as pa
+
+    from bulkdet.run.plan import plan
+    from bulkdet.run.tiles import TileSettings, expand
+
+    budget = 2 * 256 * 256
+    rows = pa.table({"image_id": [0], "shard": [0], "width": [900], "height": [700], "path": ["a"], "key": [b"a"]})
+    batches = list(plan(expand(rows, TileSettings(256, overlap=0.25)), 256, 4, decode_budget=budget))
+    decoder = Decoder("cpu", max_batch=4, num_threads=1, decode_budget=budget)
+    data = png(900, 700, (255, 0, 0))
+    whole = 0
+    for batch in batches:
+        out = decoder.decode(batch, [data] * len(batch))
+        assert out.errors == {}
+        whole += int((batch.width == 900).sum())
+        kept = decoder._tiles.kept
+        assert kept is None or (kept[1][2] - kept[1][0]) * (kept[1][3] - kept[1][1]) <= budget
+    assert whole == 1  # the full pass ran, decoded whole

@@ -178,7 +178,7 @@ def test_check_precision_reports_boxes_that_drift(conv_model, dataset, tmp_path)
 
     ds, _ = dataset
     drifting = build_conv_detector(tmp_path / "drift.onnx", scale_boxes=1.2)
-    batches = first_images(plan_batches(read_manifest(ds), (IMGSZ, IMGSZ), 3), 5)
+    batches = plan_batches(first_images(read_manifest(ds), 5), (IMGSZ, IMGSZ), 3)
     assert [len(b) for b in batches] == [3, 2]
     decoder = Decoder("cpu", 3)
     reader = ShardReader(ds / "shards")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,55 @@ def test_decode_budget_counts_the_window_decoded_per_image():
     assert p.batch_sizes().tolist() == [2, 2]
     region = p.batch(0).tiles.regions(p.batch(0).image_ids, p.batch(0).width, p.batch(0).height)
     assert region == [(0, [0, 1], (0, 0, 1280, 640))]
+
+
+def _completions(p) -> tuple[list[int], int]:
+    """Walking the plan in run order: the batch at which each image got its last item, and the
+    most images pending (some items run, not all) after any batch."""
+    seen: dict[int, int] = {}
+    done, most = [], 0
+    for k, batch in enumerate(p):
+        for image_id, items in zip(batch.image_ids.tolist(), batch.tiles.items.tolist()):
+            seen[image_id] = seen.get(image_id, 0) + 1
+            if seen[image_id] == items:
+                done.append(k)
+                del seen[image_id]
+        most = max(most, len(seen))
+    assert not seen
+    return done, most
+
+
+def test_images_complete_steadily_with_the_full_pass():
+    """--tile-full puts an image's items in two buckets (tiles, full pass): the batches of the
+    buckets run merged by first image, so the first images complete after a few batches and
+    pending images stay within a batch a bucket, while the batches stay full."""
+    n = 40  # per shard: landscape images, a few portrait ones, a few not tiled
+    sizes = [(700, 1500) if i % 7 == 3 else (300, 200) if i % 9 == 5 else (1500, 700) for i in range(n)]
+    rows = pa.table({"image_id": list(range(2 * n)), "shard": [0] * n + [1] * n,
+                     "width": [w for w, _ in sizes] * 2, "height": [h for _, h in sizes] * 2,
+                     "path": [f"{i}.jpg" for i in range(2 * n)], "key": [i.to_bytes(2, "big") for i in range(2 * n)]})
+    items = expand(rows, TileSettings(640))
+    budget = 2 * 640 * 640  # two tiles a batch, four 320x640 full passes
+    p = plan(items, 640, 8, pixel_budget=budget)
+    cols = ("image_id", "tile_x", "tile_y", "width", "height")
+    assert sorted(zip(*(p.table.column(c).to_pylist() for c in cols))) == \
+        sorted(zip(*(items.column(c).to_pylist() for c in cols)))  # every item once
+    buckets: dict[tuple, int] = {}
+    for shard, h, w in zip(p.shard.tolist(), *zip(*[b.input_hw for b in p for _ in range(len(b))])):
+        buckets[shard, h, w] = buckets.get((shard, h, w), 0) + 1
+    full_batches = sum(-(-count // min(8, budget // (h * w))) for (_, h, w), count in buckets.items())
+    assert len(p) == full_batches  # as many batches as bucket after bucket: all full but each bucket's last
+
+    shard = p.shard[p.starts[:-1]]
+    assert shard.tolist() == sorted(shard.tolist())  # still shard after shard
+    done, most = _completions(p)
+    per_bucket = {}
+    for b in p:
+        per_bucket[b.input_hw] = max(per_bucket.get(b.input_hw, 0), len(np.unique(b.image_ids)))
+    assert most <= sum(per_bucket.values()) < n // 3  # not every image of the shard waiting for its tiles
+    shard_batches = int((shard == 0).sum())
+    assert done[0] <= 4 < shard_batches // 10  # the first image: its full pass's batch and its three of tiles
+    assert sum(k < shard_batches // 2 for k in done) >= 0.4 * n  # half the shard's batches: ~half its images
 
 
 def test_merge_seam_corner_and_full_pass():
@@ -158,6 +208,32 @@ def test_tiles_of_several_images_share_batches_and_the_report_counts_them(tiled_
     assert r.exit_code == 0 and "tiles/s" in r.output
 
 
+def test_the_cpu_fallback_counts_images_not_tiles(analytic_model, cli, tmp_path):
+    """A GIF (DALI's parser does not read GIF: the Pillow fallback) whose tiles span four batches,
+    each decoding its own window (a decode budget under the image's pixels, no full pass): one
+    image decoded by the fallback, counted once in the summary and in run.json; its square found."""
+    from PIL import Image
+
+    from bulkdet.ingest.pack import pack
+
+    (tmp_path / "src").mkdir()
+    picture = Image.new("RGB", (1500, 700), (90, 90, 90))
+    picture.paste((255, 0, 0), (700, 300, 720, 320))
+    picture.save(tmp_path / "src" / "wide.gif")
+    pack(tmp_path / "src", tmp_path / "ds", quiet=True)
+    budget = 2 * 640 * 640  # two tiles a batch
+    r = cli("run", tmp_path / "ds", "--model", analytic_model, "--out", tmp_path / "run", *TILE, "--no-tile-full",
+            "--pixel-budget", budget, "--decode-budget", budget, "-q")
+    assert r.exit_code == 0, r.output
+    assert "1 image(s) decoded by the CPU fallback" in r.output
+    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_json["totals"]["fallback_decoded"] == 1
+    # 6 tiles in 4 batches: the decode budget keeps a row's last tile from the next row's first
+    assert len(pq.read_table(tmp_path / "run" / "metrics.parquet")) == 4
+    assert [(d["class_id"], d["x1"], d["y1"], d["x2"], d["y2"]) for d in _detections(tmp_path / "run")] == \
+        [(0, 700, 300, 720, 320)]
+
+
 def test_tile_options_are_checked_when_parsed(analytic_model, cli, tmp_path):
     (tmp_path / "ds").mkdir()
     for bad in (("--tile", 16), ("--tile", -1), ("--tile", 640, "--tile-overlap", 0.95),
@@ -177,6 +253,50 @@ def test_tile_settings_are_part_of_the_run_identity(big_dataset, tiled_run, anal
         r = cli("run", dataset, "--model", analytic_model, "--out", tiled_run, *map(str, other + BATCH), "-q")
         assert r.exit_code == 2 and "tiles" in r.output, (other, r.output)
     assert read_detections(tiled_run).to_pylist() == before
+
+
+def test_check_precision_merges_an_images_items_and_leaves_out_failed_images(analytic_model, tmp_path):
+    """The check on tile items compares images, not items: a square cut by a seam (seen whole by
+    one tile, as a fragment by the other, and by the full pass) is one box of one image; an image
+    that fails to decode is left out."""
+    from bulkdet.engines import create_engine
+    from bulkdet.run.decode import Decoder
+    from bulkdet.run.precision_check import Detector, check_precision
+
+    good = write_image(tmp_path / "a.png", 1500, 700, [Rect(0, 630, 300, 650, 320)], fmt="png").read_bytes()
+    data = {b"a": good, b"b": b"\xff\xd8\xff\xe0 not really a jpeg"}
+    rows = pa.table({"image_id": [0, 1], "shard": [0, 0], "width": [1500, 1500], "height": [700, 700],
+                     "path": ["a.png", "b.jpg"], "key": [b"a", b"b"]})
+    settings = TileSettings(640)
+    batches = plan(expand(rows, settings), 640, 4, pixel_budget=2 * 640 * 640)
+    engine = create_engine("onnxruntime", analytic_model)
+    detect = [Detector(engine, Decoder("cpu", 4, 1), lambda outputs: "yolov8", 0.25, 0.45, 300) for _ in range(2)]
+    report = check_precision(batches, lambda b: [data[key] for key in b.keys], *detect, "fp16", settings)
+    engine.close()
+    d = report.as_dict()
+    assert (d["images"], d["reference_boxes"], d["matched"], d["drifting"]) == (1, 1, 1, 0)
+
+
+@pytest.mark.slow
+def test_check_precision_compares_the_tiles_the_run_runs(big_dataset, analytic_model, cli, tmp_path):
+    """--check-precision with --tile: both models run the run's items (tiles and full passes),
+    merged per image as the run merges them, so the FP32 reference finds each small square the
+    run finds (whole images at 640 would miss most of them), box for box."""
+    from bulkdet.store.manifest import read_manifest
+
+    dataset, _ = big_dataset
+    out = tmp_path / "run"
+    r = cli("run", dataset, "--model", analytic_model, "--out", out, *TILE, *BATCH, "--nms-in-model",
+            "--check-precision", 2, "--cache-dir", tmp_path / "cache", "-q")
+    assert r.exit_code == 0, r.output
+    assert "precision check, fp32+nms vs fp32 on 2 images" in r.output
+    check = json.loads((out / "run.json").read_text())["precision_check"]
+    first = read_manifest(dataset).sort_by([("shard", "ascending"), ("image_id", "ascending")])
+    checked = set(first.column("image_id").to_pylist()[:2])
+    boxes = sum(d["image_id"] in checked for d in _detections(out))
+    assert boxes == 6  # three squares an image, all found by the run
+    assert check["images"] == 2 and check["reference_boxes"] == check["boxes"] == check["matched"] == boxes
+    assert check["drifting"] == 0 and check["min_iou"] == 1.0
 
 
 @pytest.mark.slow

@@ -258,9 +258,6 @@ class TileDecoder:
             else:
                 errors[first] = msg
         self._decode_regions(encoded, good, regions, errors)
-        if self.owner.device == "cpu" and images and images[-1][0] in regions:  # the image the next batch may continue
-            first, _, window = images[-1]
-            self.kept = (int(batch.image_ids[first]), window, regions[first])
         fallback = []
         by_first = {first: (items, window) for first, items, window in images}
         for first in sorted(errors):  # what DALI rejects gets a second chance on the CPU decoder
@@ -273,6 +270,11 @@ class TileDecoder:
             else:
                 fallback.append(first)
                 del errors[first]
+        if self.owner.device == "cpu" and images and images[-1][0] in regions:  # the image the next batch may continue
+            first, _, window = images[-1]
+            # Kept only within the budget: the full pass of a larger image decodes it whole, once.
+            if (window[2] - window[0]) * (window[3] - window[1]) <= self.owner.decode_budget:
+                self.kept = (int(batch.image_ids[first]), window, regions[first])
         item_errors = {i: errors[first] for first, items, _ in images if first in errors for i in items}
         idx = [i for i in range(len(batch)) if i not in item_errors]
         owner = self.owner

@@ -215,14 +215,21 @@ def plan(images: pa.Table, imgsz: int = 640, max_batch: int = 32, *, stride: int
     else:
         in_h, in_w = bucket_shapes(new_w, new_h, square_hw[0], stride)
 
-    # Run order: shard, then bucket, then image_id (so a batch never spans two shards).
+    # Run order: shard, then bucket, then image_id (so a batch never spans two shards); tile
+    # items' batches are then merged across buckets by their first image (_by_first_image).
     order = np.lexsort((_column(images, "image_id"), in_w, in_h, shard))
     table = images.take(pa.array(order, pa.int64())).combine_chunks()
     shard, width, height = shard[order], width[order], height[order]
     new_w, new_h, in_h, in_w = new_w[order], new_h[order], in_h[order], in_w[order]
     original = width.astype(np.int64) * height
+    tiled = "tile_x" in table.column_names
     starts, cut_by = _cut(shard, in_h, in_w, original, max_batch, pixel_budget, decode_budget,
-                          _item_windows(table) if "tile_x" in table.column_names else None)
+                          _item_windows(table) if tiled else None)
+    if tiled:  # the same batches, reordered so that images complete steadily
+        rows, starts = _by_first_image(starts, shard, _column(table, "image_id"))
+        table = table.take(pa.array(rows, pa.int64()))
+        shard, width, height, original = shard[rows], width[rows], height[rows], original[rows]
+        new_w, new_h, in_h, in_w = new_w[rows], new_h[rows], in_h[rows], in_w[rows]
 
     result = BatchPlan(table, _column(table, "image_id").astype(np.int64), shard, width, height, new_w, new_h,
                   starts, np.stack([in_h[starts[:-1]], in_w[starts[:-1]]], 1).astype(np.int32))
@@ -233,6 +240,25 @@ def plan(images: pa.Table, imgsz: int = 640, max_batch: int = 32, *, stride: int
         "decode_budget": decode_budget, "batches_cut_by": cut_by,
     }
     return result
+
+
+def _by_first_image(starts: np.ndarray, shard: np.ndarray, image_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tile items: (rows in the new run order, new batch starts) when each batch of a shard runs
+    as the first image it holds comes up, instead of bucket after bucket.
+
+    An image's items lie in several buckets (its tiles in SIZE x SIZE, its full pass in an
+    aspect bucket): bucket after bucket, every image of a shard would wait for its tiles until
+    all full passes had run, holding its boxes and committing nothing. Merged by first image,
+    the buckets advance together: the images pending at any time are at most those of one batch
+    a bucket, and the first images complete after a few batches. Batches stay as cut (full,
+    within the budgets); ties keep the bucket order (deterministic, so a resume plans alike)."""
+    first = starts[:-1]
+    sizes = np.diff(starts)
+    order = np.lexsort((np.arange(len(first)), image_id[first], shard[first]))
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    rows = np.argsort(rank[np.repeat(np.arange(len(first)), sizes)], kind="stable")
+    return rows, np.r_[0, np.cumsum(sizes[order])].astype(np.int64)
 
 
 def _item_windows(table: pa.Table) -> tuple[list, np.ndarray]:

@@ -1,23 +1,26 @@
 """`run --check-precision N`: the same N images through the FP32 model too; which detections drift.
 
-FP16 and INT8 are shown safe on the user's own images, not assumed. Per image and class, the
-reduced-precision boxes are matched to the FP32 boxes (greedy, highest IoU first, IoU >= 0.5);
-a matched box drifts when its IoU with the FP32 box is below 0.9 or its score differs by more
-than 0.05; an FP32 box with no match is missed, a box with no FP32 match is extra.
+FP16 and INT8 are shown safe on the user's own images, not assumed. Both models run the batches
+the run makes of those images (with --tile, their tiles, merged per image as the run merges
+them). Per image and class, the reduced-precision boxes are matched to the FP32 boxes (greedy,
+highest IoU first, IoU >= 0.5); a matched box drifts when its IoU with the FP32 box is below 0.9
+or its score differs by more than 0.05; an FP32 box with no match is missed, a box with no FP32
+match is extra.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from bulkdet.engines.base import fixed_batch
 from bulkdet.run.plan import Batch
 from bulkdet.run.postprocess import Detections, postprocess
+from bulkdet.run.tiles import ImageAssembler, TileSettings
 
 MATCH_IOU = 0.5  # below this two boxes are different objects, not one drifting box
 IOU_MIN = 0.9
@@ -130,26 +133,9 @@ class DriftReport:
                 f"{SCORE_TOL}, {self.missed} missed, {self.extra} extra")
 
 
-def first_images(batches: list[Batch], n: int) -> list[Batch]:
-    """The plan cut after its first n images (the last batch shortened)."""
-    out, left = [], n
-    for batch in batches:
-        if left <= 0:
-            break
-        out.append(batch if len(batch) <= left else _head(batch, left))
-        left -= len(out[-1])
-    return out
-
-
-def _head(value, k: int, length: int | None = None):
-    """The first k images of a Batch (or of its per-image fields, Letterbox included)."""
-    length = len(value.image_ids) if isinstance(value, Batch) else length
-    if dataclasses.is_dataclass(value):
-        return dataclasses.replace(value, **{f.name: _head(getattr(value, f.name), k, length)
-                                             for f in dataclasses.fields(value) if f.init})
-    if isinstance(value, (np.ndarray, list)) and len(value) == length:
-        return value[:k]
-    return value
+def first_images(rows: pa.Table, n: int) -> pa.Table:
+    """The first n manifest rows in run order (shard, then image id)."""
+    return rows.sort_by([("shard", "ascending"), ("image_id", "ascending")]).slice(0, n)
 
 
 class Detector:
@@ -161,6 +147,7 @@ class Detector:
         `batch`: the model's fixed batch (shorter batches are padded to it), None: dynamic."""
         self.engine, self.decoder, self.layout = engine, decoder, layout
         self.infer = fixed_batch(engine.infer, batch)
+        self.max_det = max_det
         self.post = dict(conf=conf, iou=iou, max_det=max_det, output_names=output_names)
 
     def __call__(self, batch: Batch, encoded: list[bytes]) -> tuple[list[Detections], dict[int, str]]:
@@ -174,17 +161,32 @@ class Detector:
         return detections, {**{i: d.error for i, d in enumerate(detections) if d.error}, **decoded.errors}
 
 
-def check_precision(batches: list[Batch], read, reference: Detector, tested: Detector, precision: str) -> DriftReport:
-    """Both models on the same batches; images either failed to decode are left out."""
+def check_precision(batches, read, reference: Detector, tested: Detector, precision: str,
+                    tiles: TileSettings | None = None) -> DriftReport:
+    """Both models on the same batches, compared image by image; images that failed with either
+    are left out. `tiles`: the batches hold tile items, merged per image as the run merges them."""
     report = DriftReport(precision)
+    assemblers = [ImageAssembler(tiles, d.max_det) if tiles and tiles.on else None for d in (reference, tested)]
     for batch in batches:
         encoded = [data or b"" for data in read(batch)]
-        ref, ref_errors = reference(batch, encoded)
-        test, test_errors = tested(batch, encoded)
-        for i in range(len(batch)):
-            if i not in ref_errors and i not in test_errors:
-                report.add_image(batch.paths[i], ref[i], test[i])
+        ref, test = (_images(batch, *detect(batch, encoded), assembler)
+                     for detect, assembler in zip((reference, tested), assemblers))
+        for (path, r), (_, t) in zip(ref, test):
+            if r is not None and t is not None:
+                report.add_image(path, r, t)
     return report
+
+
+def _images(batch: Batch, detections: list[Detections], errors: dict[int, str],
+            assembler: ImageAssembler | None) -> list[tuple[str, Detections | None]]:
+    """(path, detections or None where it failed) of each image the batch completes: its own
+    images, or, of tile items, the images whose last item it holds (their items merged)."""
+    if assembler is None:
+        return [(path, None if i in errors else detections[i]) for i, path in enumerate(batch.paths)]
+    n = range(len(batch))
+    done = assembler.add(batch, ["decode_error" if i in errors else "ok" for i in n], [errors.get(i) for i in n],
+                         [None if i in errors else detections[i] for i in n])
+    return list(zip(done[1], done[6])) if done else []
 
 
 def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
@@ -197,7 +199,6 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
     from bulkdet.engines import create_engine
     from bulkdet.model.info import load_model_info
     from bulkdet.model.layouts import detect_batch
-    from bulkdet.run.plan import plan_batches
     from bulkdet.store.readers import Unreadable
 
     log = logging.getLogger("bulkdet")
@@ -212,21 +213,25 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
         reference_decoder = decoder
         if np.dtype(reference_engine.input_dtype) != np.dtype(engine.input_dtype):
             reference_decoder = Decoder(decoder.device, decoder.max_batch, cfg.dali_threads,
-                                        out_dtype=reference_engine.input_dtype, hw_decoder_load=cfg.hw_decoder_load)
+                                        out_dtype=reference_engine.input_dtype, hw_decoder_load=cfg.hw_decoder_load,
+                                        decode_budget=decoder.decode_budget)
         post = (cfg.conf, cfg.iou, cfg.max_det)
         reference = load_model_info(cfg.model, cfg.names)  # the FP32 source: no NMS in it (usually)
         told = (len(reference.names) or None, reference.end2end, cfg.layout or reference.layout_hint)
         reference_layout = functools.partial(detect_batch, reference.outputs, nc=told[0], end2end=told[1],
                                              override=told[2])
-        batches = first_images(plan_batches(todo, processor.input_hw, processor.max_batch), cfg.precision_check_images)
-        reader = processor.reader
-        report = check_precision(batches, lambda b: [None if isinstance(data, Unreadable) else data
-                                                     for data in reader.read(b.shard, b.image_ids, b.keys)],
+        batches = processor.plan(first_images(todo, cfg.precision_check_images))  # as the run batches them
+
+        def read(batch: Batch) -> list[bytes | None]:
+            got = processor.read(batch)
+            return [None if isinstance(got[key], Unreadable) else got[key] for key in batch.keys]
+
+        report = check_precision(batches, read,
                                  Detector(reference_engine, reference_decoder, reference_layout, *post,
                                           [name for name, _ in reference.outputs], reference.batch),
                                  Detector(engine, decoder, processor.layout_for, *post, processor.output_names,
                                           processor.model.batch),
-                                 prepared.precision + ("+nms" if prepared.nms else ""))
+                                 prepared.precision + ("+nms" if prepared.nms else ""), cfg.tiles)
     finally:
         reference_engine.close()
     log.info(report.summary())

@@ -37,7 +37,7 @@ from bulkdet.run.metrics import STAGES, BatchTimes, MetricsRecorder
 from bulkdet.run.model_errors import model_load_error, model_run_error
 from bulkdet.run.oom import HalvingInfer
 from bulkdet.run.pipeline import QUEUE_SIZE, Stage, StagePipeline
-from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, default_pixel_budget, input_shapes, plan
+from bulkdet.run.plan import DEFAULT_DECODE_BUDGET, Batch, BatchPlan, default_pixel_budget, input_shapes, plan
 from bulkdet.run.postprocess import INFER_ERROR, postprocess
 from bulkdet.run.precision_check import check_run_precision
 from bulkdet.run.progress import Progress
@@ -299,6 +299,23 @@ class ShardProcessor:
         self.class_ids = class_ids(cfg.classes, model.names)  # --classes: only these kept (None: all)
         self._layout_lock = threading.Lock()
 
+    def plan(self, rows: pa.Table) -> BatchPlan:
+        """The batches the run makes of `rows` (with --tile, of their tiles: run/tiles.py)."""
+        cfg = self.cfg
+        items = expand_tiles(rows, cfg.tiles) if cfg.tiles.on else rows
+        pixel_budget = cfg.pixel_budget or default_pixel_budget(self.device, self.input_hw[0], self.max_batch)
+        return plan(items, cfg.imgsz, self.max_batch, stride=self.model.stride, fixed_hw=self.model.fixed_shape,
+                    pixel_budget=pixel_budget, decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
+
+    def read(self, batch: Batch) -> dict[bytes, bytes | Unreadable]:
+        """The bytes of the batch's images by key, each image read once: the tiles of an image
+        share its bytes (one copy, not one a tile)."""
+        first: dict[bytes, int] = {}
+        for i, key in enumerate(batch.keys):
+            first.setdefault(key, i)
+        rows = list(first.values())
+        return dict(zip(first, self.reader.read(batch.shard, batch.image_ids[rows], [batch.keys[i] for i in rows])))
+
     def layout_for(self, outputs: list[np.ndarray]) -> str:
         """The run's layout; the first batch's outputs tell it where declared shapes could not."""
         with self._layout_lock:
@@ -318,37 +335,28 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
 
     `progress` counts what was written: a `Progress` (shown or quiet).
     """
-    cfg, model, device, input_hw = processor.cfg, processor.model, processor.device, processor.input_hw
-    engine, decoder, reader = processor.engine, processor.decoder, processor.reader
+    cfg, device = processor.cfg, processor.device
+    engine, decoder = processor.engine, processor.decoder
     # --tile: the planned items are tiles (run/tiles.py), and the writer gets complete images only.
     assembler = ImageAssembler(cfg.tiles, cfg.max_det) if cfg.tiles.on else None
-    items = expand_tiles(rows, cfg.tiles) if cfg.tiles.on else rows
-    batches = plan(items, cfg.imgsz, processor.max_batch, stride=model.stride, fixed_hw=model.fixed_shape,
-                   pixel_budget=cfg.pixel_budget or default_pixel_budget(device, input_hw[0], processor.max_batch),
-                   decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
-    fallback_decoded = 0
+    batches = processor.plan(rows)
+    fallback_images: set[int] = set()  # decoded by the CPU fallback (a tiled image counts once, however many batches)
     splits_before = processor.infer.splits
     log.info("device=%s backend=%s provider=%s buckets=%s batches=%d threads=%s", device, engine.name,
              engine.provider, ",".join(batches.stats["images_per_bucket"]) or "-", len(batches), processor.threads)
 
     def read(work: _Work):
         batch = work.batch
-        # Each image read once: the tiles of an image share its bytes (one copy, not one a tile).
-        first: dict[bytes, int] = {}
-        for i, key in enumerate(batch.keys):
-            first.setdefault(key, i)
-        rows = list(first.values())
-        got = dict(zip(first, reader.read(batch.shard, batch.image_ids[rows], [batch.keys[i] for i in rows])))
+        got = processor.read(batch)
         encoded = [got[key] for key in batch.keys]
         work.unreadable = {i: data for i, data in enumerate(encoded) if isinstance(data, Unreadable)}
         work.encoded = [b"" if i in work.unreadable else data for i, data in enumerate(encoded)]
         work.encoded_bytes = sum(len(data) for data in got.values() if not isinstance(data, Unreadable))
 
     def decode(work: _Work):
-        nonlocal fallback_decoded
         work.decoded = decoder.decode(work.batch, work.encoded)
         work.decoded.errors.update({i: u.error for i, u in work.unreadable.items()})
-        fallback_decoded += len(work.decoded.fallback)
+        fallback_images.update(work.batch.image_ids[work.decoded.fallback].tolist())
         work.decoded.tensor = engine.stage(work.decoded.tensor)  # GPU: into the engine's input buffer
         work.encoded = None  # each stage drops what later stages do not need: bounded memory
 
@@ -395,7 +403,7 @@ def run_stages(processor: ShardProcessor, rows: pa.Table, writer: PartWriter, me
     pipeline.run(_Work(b) for b in batches)
     if assembler is not None and assembler.pending:  # every item ran: an image left is a bug, not a result
         raise RuntimeError(f"{len(assembler.pending)} tiled image(s) did not get all their tiles")
-    return StageResult(batches.stats, fallback_decoded, processor.infer.splits - splits_before)
+    return StageResult(batches.stats, len(fallback_images), processor.infer.splits - splits_before)
 
 
 def usable_cores() -> int:
