@@ -118,3 +118,27 @@ def test_the_full_pass_of_an_image_over_the_decode_budget_is_not_kept():
         kept = decoder._tiles.kept
         assert kept is None or (kept[1][2] - kept[1][0]) * (kept[1][3] - kept[1][1]) <= budget
     assert whole == 1  # the full pass ran, decoded whole
+
+
+def test_tiles_scaled_into_the_input_go_through_the_resize(tmp_path):
+    """--tile 512 at a 256 input: each tile is halved (bilinear at exactly 1/2: the mean of each
+    2 x 2 block); the batches of tiles that keep their size skip the resize (the test above)."""
+    import pyarrow as pa
+
+    from bulkdet.run.plan import plan
+    from bulkdet.run.tiles import TileSettings, expand
+    from bulkdet.synthetic import Rect, draw_upright, write_image
+
+    rects = [Rect(1, 300, 200, 700, 500)]
+    data = write_image(tmp_path / "a.png", 900, 700, rects, fmt="png", seed=2).read_bytes()
+    upright = draw_upright(900, 700, rects, seed=2).astype(np.float32) / 255.0
+    rows = pa.table({"image_id": [0], "shard": [0], "width": [900], "height": [700], "path": ["a"], "key": [b"a"]})
+    decoder = Decoder("cpu", max_batch=4, num_threads=1)
+    for batch in plan(expand(rows, TileSettings(512, overlap=0.2, full=False)), 256, 4):
+        out = decoder.decode(batch, [data] * len(batch))
+        assert out.errors == {} and out.tensor.shape == (len(batch), 3, 256, 256)
+        for i in range(len(batch)):
+            x, y = int(batch.tiles.x[i]), int(batch.tiles.y[i])
+            window = upright[y:y + 512, x:x + 512]
+            halved = window.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3)).transpose(2, 0, 1)
+            np.testing.assert_allclose(out.tensor[i], halved, atol=2e-3)

@@ -285,6 +285,19 @@ class TileDecoder:
         if fallback and owner.device == "gpu":  # one feed is all on the device or all on the host
             regions = {k: v if isinstance(v, np.ndarray) else _to_host(v) for k, v in regions.items()}
         image_of = {i: (first, window) for first, items, window in images for i in items}
+        lb = batch.letterbox
+        if owner.device == "cpu" and all(lb.new_w[i] == batch.width[i] and lb.new_h[i] == batch.height[i]
+                                         for i in idx):
+            # Every tile keeps its size (`--tile` = the input size): each is a view of its decoded
+            # window, placed and normalised in one numpy pass, ~20x cheaper on a CPU core than
+            # DALI's slice + resize + normalise of the same pixels.
+            tensor = np.full((len(batch), 3, h, w), PAD_VALUE / 255.0, dtype=owner.out_dtype)
+            for i in idx:
+                first, window = image_of[i]
+                x, y = int(t.x[i]) - window[0], int(t.y[i]) - window[1]
+                pixels = regions[first][y:y + int(batch.height[i]), x:x + int(batch.width[i])]
+                tensor[i] = _letterbox_pixels(pixels, batch, i, owner.out_dtype)
+            return DecodedBatch(batch, tensor, item_errors, fallback)
         p = self.tiles_pipe
         p.feed_input("regions", [regions[image_of[i][0]] for i in idx], layout="HWC")
         p.feed_input("start", [np.array([t.x[i] - image_of[i][1][0], t.y[i] - image_of[i][1][1]], np.int32)
@@ -453,16 +466,22 @@ def pillow_letterbox(data: bytes, batch: Batch, i: int, out_dtype=np.float32) ->
     if batch.tiles is not None:  # a tile: its window of the upright image
         x, y = int(batch.tiles.x[i]), int(batch.tiles.y[i])
         rgb = rgb.crop((x, y, x + int(batch.width[i]), y + int(batch.height[i])))
-    return _pillow_letterbox_image(rgb, batch, i, out_dtype)
+    return _letterbox_pixels(np.asarray(rgb), batch, i, out_dtype)
 
 
-def _pillow_letterbox_image(rgb: Image.Image, batch: Batch, i: int, out_dtype) -> np.ndarray:
+def _letterbox_pixels(rgb: np.ndarray, batch: Batch, i: int, out_dtype) -> np.ndarray:
+    """Item `i`'s upright HWC uint8 pixels into its [3,H,W] letterbox: resized (Pillow, bilinear)
+    when its size changes, placed on the grey pad, normalised as the DALI graph does."""
     lb = batch.letterbox
     h, w = batch.input_hw
     new_w, new_h, top, left = int(lb.new_w[i]), int(lb.new_h[i]), int(lb.top[i]), int(lb.left[i])
+    if rgb.shape[:2] != (new_h, new_w):
+        rgb = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR))
     canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
-    canvas[top:top + new_h, left:left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BILINEAR))
-    return (canvas.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(out_dtype)
+    canvas[top:top + new_h, left:left + new_w] = rgb
+    # One pass from the transposed uint8 view (astype on it first would be ~15x slower).
+    chw = np.multiply(canvas.transpose(2, 0, 1), np.float32(1 / 255), dtype=np.float32)
+    return chw.astype(out_dtype, copy=False)
 
 
 def pillow_upright(data: bytes) -> Image.Image:
