@@ -240,3 +240,18 @@ def test_a_model_error_on_a_worker_is_its_one_line(ray_cluster, dataset, analyti
         run_on_ray(_cfg(dataset[0], model, tmp_path / "run"), workers=1)
     assert str(exc.value).startswith("the model square.onnx failed on a batch of shape [") and "\n" not in str(exc.value)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["state"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_model_a_worker_cannot_load_is_the_local_runs_one_line(ray_cluster, dataset, analytic_model, tmp_path, cli):
+    """A worker whose engine can't load the model: the same `error:` line and exit code as a local run,
+    not Ray's "actor died" text with the worker's traceback."""
+    from test_model_errors import custom_op
+
+    model = custom_op(analytic_model, tmp_path / "custom.onnx")
+    local = cli("run", dataset[0], "--model", model, "--out", tmp_path / "local", "-q")
+    r = cli("run", dataset[0], "--model", model, "--out", tmp_path / "run", "-q", "--ray", "--workers", 1)
+    assert local.exit_code == r.exit_code == 1, r.output
+    assert r.output == local.output and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("error: onnxruntime could not load the model custom.onnx: ") and "Frobnicate" in r.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["state"] == "failed"
