@@ -8,6 +8,7 @@ of an unexpected error only with `bulkdet --debug COMMAND`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -147,15 +148,17 @@ def _fileno(stream) -> int | None:
 
 
 def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint: str = "'--model'",
-                 layout: str | None = None, classes_kept: list[str] | None = None) -> None:
+                 layout: str | None = None, classes_kept: list[str] | None = None):
     """The model (and --names, --classes) read before anything is written: a file that is no ONNX
     detector, or names that do not fit its output, is a bad option value (exit 2), not a failed run.
-    `imgsz`: warn once when it is rounded up to the model's stride (None: not used)."""
+    `imgsz`: warn once when it is rounded up to the model's stride (None: not used).
+    Returns what was read (ModelInfo, with --names' names), so that the command reads and hashes
+    the model once; None for a TensorRT engine (read on the GPU when the run starts)."""
     from bulkdet.model.info import (UnknownClass, check_names_fit, class_ids, is_engine_file, load_model_info,
                                     model_input_hw, read_names_file)
 
     if is_engine_file(model):
-        return  # read by TensorRT when the run starts (on the GPU)
+        return None  # read by TensorRT when the run starts (on the GPU)
     try:
         info = load_model_info(model)
     except ValueError as exc:
@@ -181,6 +184,7 @@ def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint:
     if imgsz is not None and info.fixed_shape is None and imgsz % info.stride:
         log.warning("--imgsz %d is not a multiple of the model's stride %d: using %d (as Ultralytics does)",
                     imgsz, info.stride, model_input_hw(imgsz, info.stride)[0])
+    return dataclasses.replace(info, names=classes)
 
 
 _STORAGE_OPTIONS_HELP = ("fsspec options for an object store, e.g. '{\"endpoint_url\": \"http://...\"}' "
@@ -370,7 +374,7 @@ def run(
                                  "run without it", param_hint="'--storage-options'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
-    _check_model(model, names, imgsz, layout=layout.value if layout else None, classes_kept=classes)
+    checked = _check_model(model, names, imgsz, layout=layout.value if layout else None, classes_kept=classes)
     cfg = RunConfig(dataset_dir, model, out, device=device.value, backend=backend.value, imgsz=imgsz,
                     max_batch=max_batch, conf=conf, iou=iou, max_det=max_det, names=names,
                     precision=precision.value, overwrite=overwrite,
@@ -387,9 +391,9 @@ def run(
             if use_ray:
                 from bulkdet.run.distributed import run_on_ray
 
-                s = run_on_ray(cfg, ray_address, workers)
+                s = run_on_ray(cfg, ray_address, workers, source=checked)
             else:
-                s = do_run(cfg)
+                s = do_run(cfg, source=checked)
     except (RunFolderRefused, FolderInUse, LayoutError, UnknownClass) as exc:  # a conflict with --out, a model no
         # layout fits, a --classes a TensorRT engine's names lack
         typer.echo(f"error: {exc}", err=True)
@@ -440,12 +444,12 @@ def prepare(
     _check_writable(out, "'--out'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
-    _check_model(model, None, imgsz if precision is Precision.INT8 else None, param_hint="'MODEL'")
+    checked = _check_model(model, None, imgsz if precision is Precision.INT8 else None, param_hint="'MODEL'")
     calibration = (Calibration(calib, calib_images, seed, imgsz, target.value, feed=decoded_batches)
                    if precision is Precision.INT8 else None)
     try:
         with _quiet_native_output(quiet):
-            prepared = prepare_model(model, precision.value, calibration, cache_dir)
+            prepared = prepare_model(model, precision.value, calibration, cache_dir, checked and checked.sha256)
         path = export_prepared(prepared, out) if out else prepared.path
     except (OSError, ValueError, RuntimeError) as exc:  # e.g. --out or --cache-dir not writable
         typer.echo(f"error: {exc}", err=True)

@@ -87,14 +87,15 @@ class ShardWorker:
                 "oom_splits": result.oom_splits, "plan": result.plan}
 
 
-def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None = None) -> RunSummary:
+def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None = None,
+               source: ModelInfo | None = None) -> RunSummary:
     """Like runner.run, with the shards spread over Ray workers (one per GPU, or CPU workers)."""
     if importlib.util.find_spec("ray") is None:
         raise RuntimeError("--ray needs Ray: pip install 'bulkdet[ray]'")
     # Workers may run on other machines: they need paths that mean the same there (shared storage).
     cfg = replace(cfg, **{k: Path(v).absolute() for k in ("dataset", "model", "out", "names")
                           if (v := getattr(cfg, k)) is not None})
-    return run(cfg, execute=partial(execute_on_ray, address=address, workers=workers))
+    return run(cfg, execute=partial(execute_on_ray, address=address, workers=workers), source=source)
 
 
 def execute_on_ray(job: RunJob, todo: pa.Table, folder: RunFolder, address: str | None,

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import KW_ONLY, asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -144,10 +144,11 @@ class ExecResult:
 Executor = Callable[[RunJob, pa.Table, RunFolder], ExecResult]
 
 
-def run(cfg: RunConfig, execute: Executor | None = None) -> RunSummary:
-    """Open the run folder, execute the rows left (in this process unless `execute` says where), finish."""
+def run(cfg: RunConfig, execute: Executor | None = None, source: ModelInfo | None = None) -> RunSummary:
+    """Open the run folder, execute the rows left (in this process unless `execute` says where), finish.
+    `source`: --model as the command line read and checked it (with --names), not read again."""
     t_start = time.time()
-    job = resolve_job(cfg)
+    job = resolve_job(cfg, source=source)
     manifest = read_manifest(cfg.dataset)
     with RunFolder.open(cfg.out, job.identity, overwrite=cfg.overwrite) as folder:
         if cfg.retry_failed:
@@ -164,18 +165,23 @@ def run(cfg: RunConfig, execute: Executor | None = None) -> RunSummary:
     return summary
 
 
-def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
-    """Device, the model file that runs (prepared for --precision / --nms-in-model), identity, run.json."""
+def resolve_job(cfg: RunConfig, selection: Selection | None = None, source: ModelInfo | None = None) -> RunJob:
+    """Device, the model file that runs (prepared for --precision / --nms-in-model), identity, run.json.
+    `source`: cfg.model already read (with cfg.names): neither read nor hashed again."""
     selection = selection or select_device(cfg.device, cfg.backend, cfg.model)
     model_file = model_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz,
                                cfg.cache_dir, selection.device,
-                               feed=partial(decoded_batches, storage_options=cfg.storage_options))
+                               feed=partial(decoded_batches, storage_options=cfg.storage_options),
+                               source_sha256=source.sha256 if source else None)
     if cfg.nms_in_model:
         if cfg.layout not in (None, "yolov8"):
             raise LayoutError(f"--nms-in-model supports the yolov8 layout only, not --layout {cfg.layout}: "
                               f"run without --nms-in-model (bulkdet applies the NMS its layout needs)")
         model_file = with_nms(model_file, cfg.conf, cfg.iou, cfg.max_det, cfg.cache_dir)
-    model = model_info(model_file.path, cfg.names)
+    if source is not None and model_file.sha256 == source.sha256:  # the file that runs is --model itself
+        model = replace(source, path=model_file.path)
+    else:  # a file prepared from it (fp16 / int8 / NMS), hashed as it was made
+        model = model_info(model_file.path, cfg.names, model_file.sha256)
     layout = start_layout(cfg, model)  # None: told by the shapes of the first batch
     identity = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                 "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names,
