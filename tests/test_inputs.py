@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import tarfile
 from pathlib import Path
 
@@ -197,49 +196,6 @@ def test_reference_repack_sees_changes(images, tmp_path):
 
 
 # --- object stores: a real S3-compatible server on 127.0.0.1 ----------------------------------
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server in a thread on a free local port; stopped after the module."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": s3_server}.items():
-        monkeypatch.setenv(k, v)
-    return s3_server
-
-
-@pytest.fixture
-def s3_user(s3_env):
-    """(access key id, secret key) of an IAM user allowed S3, on a server that checks every request's
-    signature from now on (moto's default takes any key, and no key at all); back to that after."""
-    import boto3
-    import requests
-
-    iam = boto3.client("iam", endpoint_url=s3_env, region_name="us-east-1", aws_access_key_id="testing",
-                       aws_secret_access_key="testing")
-    iam.create_user(UserName="runner")
-    iam.put_user_policy(UserName="runner", PolicyName="s3", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-    key = iam.create_access_key(UserName="runner")["AccessKey"]
-    requests.post(f"{s3_env}/moto-api/reset-auth", data=b"0").raise_for_status()
-    yield key["AccessKeyId"], key["SecretAccessKey"]
-    requests.post(f"{s3_env}/moto-api/reset-auth", data=b"inf").raise_for_status()
-
 
 def _upload(images: Path, endpoint: str, bucket: str) -> None:
     import s3fs
