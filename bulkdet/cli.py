@@ -8,6 +8,7 @@ of an unexpected error only with `bulkdet --debug COMMAND`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -147,15 +148,17 @@ def _fileno(stream) -> int | None:
 
 
 def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint: str = "'--model'",
-                 layout: str | None = None, classes_kept: list[str] | None = None) -> None:
+                 layout: str | None = None, classes_kept: list[str] | None = None):
     """The model (and --names, --classes) read before anything is written: a file that is no ONNX
     detector, or names that do not fit its output, is a bad option value (exit 2), not a failed run.
-    `imgsz`: warn once when it is rounded up to the model's stride (None: not used)."""
+    `imgsz`: warn once when it is rounded up to the model's stride (None: not used).
+    Returns what was read (ModelInfo, with --names' names), so that the command reads and hashes
+    the model once; None for a TensorRT engine (read on the GPU when the run starts)."""
     from bulkdet.model.info import (UnknownClass, check_names_fit, class_ids, is_engine_file, load_model_info,
                                     model_input_hw, read_names_file)
 
     if is_engine_file(model):
-        return  # read by TensorRT when the run starts (on the GPU)
+        return None  # read by TensorRT when the run starts (on the GPU)
     try:
         info = load_model_info(model)
     except ValueError as exc:
@@ -181,6 +184,24 @@ def _check_model(model: Path, names: Path | None, imgsz: int | None, param_hint:
     if imgsz is not None and info.fixed_shape is None and imgsz % info.stride:
         log.warning("--imgsz %d is not a multiple of the model's stride %d: using %d (as Ultralytics does)",
                     imgsz, info.stride, model_input_hw(imgsz, info.stride)[0])
+    return dataclasses.replace(info, names=classes)
+
+
+_STORAGE_OPTIONS_HELP = ("fsspec options for an object store, e.g. '{\"endpoint_url\": \"http://...\"}' "
+                         "(default: the backend's environment variables).")
+
+
+def _storage_options(text: str | None) -> dict | None:
+    """--storage-options (pack, run): a JSON object of fsspec options, or a bad option value (exit 2)."""
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint="'--storage-options'") from None
+    if not isinstance(options, dict):
+        raise typer.BadParameter("give a JSON object, e.g. '{\"anon\": true}'", param_hint="'--storage-options'")
+    return options
 
 
 def _check_writable(path: Optional[Path], param_hint: str, folder: bool = False) -> None:
@@ -209,9 +230,8 @@ def pack(
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Larger images get status too_large."),
     reference: bool = typer.Option(False, "--reference", help="Store no image bytes: paths, sizes, hashes and "
                                    "headers only; `run` reads each image from SRC and checks its hash."),
-    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON", help="fsspec "
-                                                  "options for a URL, e.g. '{\"endpoint_url\": \"http://...\"}' "
-                                                  "(default: the backend's environment variables)."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON",
+                                                  help="For a URL: " + _STORAGE_OPTIONS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
 ):
     """Store every image of SRC, bytes unchanged, in LMDB shards plus a manifest (or, with
@@ -224,14 +244,7 @@ def pack(
     from bulkdet.store.lock import FolderInUse
     from bulkdet.store.readers import MissingExtra, is_url
 
-    options = None
-    if storage_options is not None:
-        try:
-            options = json.loads(storage_options)
-        except ValueError as exc:
-            raise typer.BadParameter(f"not JSON: {exc}", param_hint="'--storage-options'") from None
-        if not isinstance(options, dict):
-            raise typer.BadParameter("give a JSON object, e.g. '{\"anon\": true}'", param_hint="'--storage-options'")
+    options = _storage_options(storage_options)
     if not is_url(src) and not Path(src).exists():
         raise typer.BadParameter(f"{src} does not exist", param_hint="'SRC'")
     _setup_logging(quiet)
@@ -308,6 +321,9 @@ def run(
     commit_every: int = typer.Option(4096, min=1, help="Commit a Parquet part every N images: what a kill can cost."),
     retry_failed: bool = typer.Option(False, help="Process again the images whose status is not ok."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON", help="A dataset "
+                                                  "packed --reference from a URL: " + _STORAGE_OPTIONS_HELP
+                                                  + " Not part of the run's settings; never written."),
     use_ray: bool = typer.Option(False, "--ray", help="Spread the shards over a Ray cluster (needs bulkdet[ray])."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, or a local one)."),
     workers: Optional[int] = typer.Option(None, min=1, max=MAX_THREADS,
@@ -346,14 +362,19 @@ def run(
     from bulkdet.store.run_folder import RunFolderRefused
     from bulkdet.model.layouts import LayoutError
     from bulkdet.model.info import UnknownClass
+    from bulkdet.store.readers import reads_url
 
     if 0 < tile < TILE_MIN:
         raise typer.BadParameter(f"{tile} is below {TILE_MIN} pixels (0 turns tiling off)", param_hint="'--tile'")
     if not use_ray and (ray_address or workers):
         raise typer.BadParameter("needs --ray", param_hint="'--ray-address' / '--workers'")
+    options = _storage_options(storage_options)
+    if options is not None and not reads_url(dataset_dir):
+        raise typer.BadParameter(f"{dataset_dir} reads no object store (it was not packed --reference from a URL): "
+                                 "run without it", param_hint="'--storage-options'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
-    _check_model(model, names, imgsz, layout=layout.value if layout else None, classes_kept=classes)
+    checked = _check_model(model, names, imgsz, layout=layout.value if layout else None, classes_kept=classes)
     cfg = RunConfig(dataset_dir, model, out, device=device.value, backend=backend.value, imgsz=imgsz,
                     max_batch=max_batch, conf=conf, iou=iou, max_det=max_det, names=names,
                     precision=precision.value, overwrite=overwrite,
@@ -364,15 +385,15 @@ def run(
                     pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers,
                     layout=layout.value if layout else None,
                     tiles=TileSettings(tile, tile_overlap, tile_full, tile_merge.value, tile_match.value,
-                                       tile_match_threshold), classes=classes or None)
+                                       tile_match_threshold), classes=classes or None, storage_options=options)
     try:
         with _quiet_native_output(quiet):
             if use_ray:
                 from bulkdet.run.distributed import run_on_ray
 
-                s = run_on_ray(cfg, ray_address, workers)
+                s = run_on_ray(cfg, ray_address, workers, source=checked)
             else:
-                s = do_run(cfg)
+                s = do_run(cfg, source=checked)
     except (RunFolderRefused, FolderInUse, LayoutError, UnknownClass) as exc:  # a conflict with --out, a model no
         # layout fits, a --classes a TensorRT engine's names lack
         typer.echo(f"error: {exc}", err=True)
@@ -423,12 +444,12 @@ def prepare(
     _check_writable(out, "'--out'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     _setup_logging(quiet)
-    _check_model(model, None, imgsz if precision is Precision.INT8 else None, param_hint="'MODEL'")
+    checked = _check_model(model, None, imgsz if precision is Precision.INT8 else None, param_hint="'MODEL'")
     calibration = (Calibration(calib, calib_images, seed, imgsz, target.value, feed=decoded_batches)
                    if precision is Precision.INT8 else None)
     try:
         with _quiet_native_output(quiet):
-            prepared = prepare_model(model, precision.value, calibration, cache_dir)
+            prepared = prepare_model(model, precision.value, calibration, cache_dir, checked and checked.sha256)
         path = export_prepared(prepared, out) if out else prepared.path
     except (OSError, ValueError, RuntimeError) as exc:  # e.g. --out or --cache-dir not writable
         typer.echo(f"error: {exc}", err=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +90,52 @@ def demo_run(tmp_path_factory, analytic_model) -> dict:
     run(RunConfig(root / "dataset", analytic_model, root / "run", quiet=True, commit_images=5))  # several parts
     return {"root": root, "truth": truth, "run": root / "run", "dataset": root / "dataset",
             "images": root / "images"}
+
+
+# --- object stores: a real S3-compatible server on 127.0.0.1 (moto's server mode) ------------
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server in a thread on a free local port; stopped after the module."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+_users = itertools.count()
+
+
+@pytest.fixture
+def s3_user(s3_env):
+    """(access key id, secret key) of an IAM user allowed S3, on a server that checks every request's
+    signature from now on (moto's default takes any key, and no key at all); back to that after."""
+    import boto3
+    import requests
+
+    iam = boto3.client("iam", endpoint_url=s3_env, region_name="us-east-1", aws_access_key_id="testing",
+                       aws_secret_access_key="testing")
+    user = f"runner-{os.getpid()}-{next(_users)}"  # moto's accounts live as long as the process
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    requests.post(f"{s3_env}/moto-api/reset-auth", data=b"0").raise_for_status()
+    yield key["AccessKeyId"], key["SecretAccessKey"]
+    requests.post(f"{s3_env}/moto-api/reset-auth", data=b"inf").raise_for_status()

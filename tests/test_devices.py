@@ -96,6 +96,23 @@ def test_run_device_gpu_without_gpu_fails_clearly_and_auto_falls_back(tmp_path, 
     assert selection["device"] == "cpu" and "no usable GPU path" in selection["reason"]
 
 
+@pytest.mark.skipif(HERE.base_ok, reason="DALI can decode on this machine's GPU")
+def test_run_and_crops_refuse_device_gpu_alike(tmp_path, analytic_model, cli):
+    """`--device gpu` without a usable GPU: the same exit code and the same form of line for both
+    commands, naming what each lacks (crops decodes only: no backend needed), nothing written."""
+    make_images(tmp_path / "src", [("a.jpg", 120, 90, "jpeg", 1)])
+    assert cli("pack", tmp_path / "src", "--out", tmp_path / "ds", "-q").exit_code == 0
+    assert cli("run", tmp_path / "ds", "--model", analytic_model, "--out", tmp_path / "cpu-run", "-q").exit_code == 0
+    run = cli("run", tmp_path / "ds", "--model", analytic_model, "--out", tmp_path / "run", "--device", "gpu", "-q")
+    crops = cli("crops", tmp_path / "cpu-run", "--out", tmp_path / "crops", "--device", "gpu", "-q")
+    assert run.exit_code == crops.exit_code == 1, (run.output, crops.output)
+    prefix = "error: --device gpu: no usable GPU path: "
+    assert run.output.startswith(prefix) and run.output.count("\n") == 1, run.output
+    assert all(problem in run.output for problem in HERE.problems(None))
+    assert crops.output == f"{prefix}{'; '.join(HERE.problems('decode'))}\n", crops.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "crops").exists()
+
+
 def test_onnxruntime_binds_input_by_pointer(analytic_model):
     """The IOBinding call the CUDA path makes, exercised with a host pointer."""
     engine = create_engine("onnxruntime", analytic_model)

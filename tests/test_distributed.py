@@ -240,3 +240,54 @@ def test_a_model_error_on_a_worker_is_its_one_line(ray_cluster, dataset, analyti
         run_on_ray(_cfg(dataset[0], model, tmp_path / "run"), workers=1)
     assert str(exc.value).startswith("the model square.onnx failed on a batch of shape [") and "\n" not in str(exc.value)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["state"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_model_a_worker_cannot_load_is_the_local_runs_one_line(ray_cluster, dataset, analytic_model, tmp_path, cli):
+    """A worker whose engine can't load the model: the same `error:` line and exit code as a local run,
+    not Ray's "actor died" text with the worker's traceback."""
+    from test_model_errors import custom_op
+
+    model = custom_op(analytic_model, tmp_path / "custom.onnx")
+    local = cli("run", dataset[0], "--model", model, "--out", tmp_path / "local", "-q")
+    r = cli("run", dataset[0], "--model", model, "--out", tmp_path / "run", "-q", "--ray", "--workers", 1)
+    assert local.exit_code == r.exit_code == 1, r.output
+    assert r.output == local.output and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("error: onnxruntime could not load the model custom.onnx: ") and "Frobnicate" in r.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["state"] == "failed"
+
+
+@pytest.mark.slow
+def test_ray_workers_read_an_object_store_with_the_runs_storage_options(ray_cluster, dataset, analytic_model,
+                                                                        local_rows, tmp_path, cli, s3_env, request):
+    """A dataset packed by reference from S3: the workers read it with the credentials given only
+    by `run --storage-options` (the server accepts no other), and give the local run's rows."""
+    import s3fs
+
+    src = dataset[0].parent / "src"
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_env)
+    fs.mkdir("ray-data")
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            fs.pipe(f"ray-data/src/{p.relative_to(src)}", p.read_bytes())
+    options = {"endpoint_url": s3_env, "key": "testing", "secret": "testing"}
+    assert pack("s3://ray-data/src", tmp_path / "ref", shard_size_mb=SHARD_MB, reference=True, quiet=True,
+                storage_options=options).shards >= 4
+    key, secret = request.getfixturevalue("s3_user")  # from here on, only this key pair reads
+    r = cli("run", tmp_path / "ref", "--model", analytic_model, "--out", tmp_path / "run", "--max-batch", 4,
+            "--dali-threads", 1, "--infer-threads", 1, "-q", "--ray", "--workers", 2,
+            "--storage-options", json.dumps({"key": key, "secret": secret}))
+    assert r.exit_code == 3, r.output  # the broken file and the text file, as locally
+
+    def by_path(rows):
+        images, dets = rows
+        ids = {i["image_id"]: i["path"] for i in images}
+        boxes = {}
+        for d in dets:
+            box = (d["class_id"], *(round(d[c], 3) for c in ("x1", "y1", "x2", "y2")))
+            boxes.setdefault(ids[d["image_id"]], []).append(box)
+        return sorted((i["path"], i["status"]) for i in images), {p: sorted(b) for p, b in boxes.items()}
+
+    assert by_path(_rows(tmp_path / "run")) == by_path(local_rows)
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert not [p for p in written if secret.encode() in p.read_bytes()]

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import tarfile
 from pathlib import Path
 
@@ -198,31 +197,6 @@ def test_reference_repack_sees_changes(images, tmp_path):
 
 # --- object stores: a real S3-compatible server on 127.0.0.1 ----------------------------------
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server in a thread on a free local port; stopped after the module."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": s3_server}.items():
-        monkeypatch.setenv(k, v)
-    return s3_server
-
-
 def _upload(images: Path, endpoint: str, bucket: str) -> None:
     import s3fs
 
@@ -293,3 +267,52 @@ def test_crops_and_html_report_read_a_reference_dataset(images, analytic_model, 
     assert r.exit_code == 0, r.output
     samples = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', (tmp_path / "report.html").read_text())
     assert len(samples) == 6 and all(base64.b64decode(s)[:2] == b"\xff\xd8" for s in samples)
+
+
+def test_run_storage_options_give_the_credentials_and_are_written_nowhere(images, copied_run, analytic_model,
+                                                                          tmp_path, cli, s3_env, request, monkeypatch):
+    """A dataset packed by reference from S3, run with credentials given only by `run --storage-options`."""
+    _upload(images, s3_env, "creds")
+    result = cli("pack", "s3://creds/camera", "--out", tmp_path / "ref", "--reference", "-q")
+    assert result.exit_code == 0, result.output
+    key, secret = request.getfixturevalue("s3_user")  # the server checks credentials from here on
+    # The environment's credentials are now wrong (not a user of the server); then there are none.
+    result = cli("run", tmp_path / "ref", "--model", analytic_model, "--out", tmp_path / "wrong", "-q")
+    assert result.exit_code == 3, result.output  # the objects can't be read: every row a read_error
+    assert {s for s, _ in statuses(tmp_path / "wrong").values()} == {"read_error"}
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    result = cli("run", tmp_path / "ref", "--model", analytic_model, "--out", tmp_path / "none", "-q")
+    assert result.exit_code == 3, result.output
+    assert {s for s, _ in statuses(tmp_path / "none").values()} == {"read_error"}
+
+    options = json.dumps({"key": key, "secret": secret})
+    result = cli("run", tmp_path / "ref", "--model", analytic_model, "--out", tmp_path / "run", "-q",
+                 "--storage-options", options)
+    assert result.exit_code == 0, result.output
+    assert detections_by_path(tmp_path / "run") == copied_run
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert len(written) > 4 and not [p for p in written if secret.encode() in p.read_bytes()]
+    assert "storage_options" not in json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    # The options are no setting of the run: resumed without them (nothing left to read), not refused.
+    result = cli("run", tmp_path / "ref", "--model", analytic_model, "--out", tmp_path / "run", "-q")
+    assert result.exit_code == 0, result.output
+
+    for bad, says in (("{not json", "not JSON: "), ("[1]", "give a JSON object")):
+        result = cli("run", tmp_path / "ref", "--model", analytic_model, "--out", tmp_path / "r2",
+                     "--storage-options", bad)
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith(f"error: invalid value for '--storage-options': {says}"), result.output
+        assert not (tmp_path / "r2").exists()
+
+
+def test_run_storage_options_for_a_dataset_read_from_no_object_store_are_refused(images, analytic_model, tmp_path,
+                                                                               cli):
+    assert cli("pack", images, "--out", tmp_path / "ds", "--reference", "-q").exit_code == 0
+    result = cli("run", tmp_path / "ds", "--model", analytic_model, "--out", tmp_path / "run",
+                 "--storage-options", '{"anon": true}')
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "reads no object store" in result.output and not (tmp_path / "run").exists()

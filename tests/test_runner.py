@@ -209,3 +209,39 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_completes(tmp_path, dataset, analytic_
     images = check_committed_output(out)
     assert sorted(images.column("path").to_pylist()) == sorted(t["path"] for t in truth)
     assert pq.read_table(out / "images").num_rows == len(truth)
+
+
+@pytest.mark.parametrize("extra", [[], ["--precision", "fp16"]], ids=["fp32", "fp16"])
+def test_run_reads_and_hashes_the_model_once(tmp_path, dataset, analytic_model, cli, monkeypatch, extra):
+    """The CLI's check reads the model (before anything is written); the run goes on with what it read."""
+    import shutil
+    from pathlib import Path
+
+    import bulkdet.model.info as info
+    import bulkdet.model.precision as precision
+
+    model = shutil.copy(analytic_model, tmp_path / "m.onnx")  # a file no other test reads meanwhile
+    calls = []
+    real_hash, real_read = info.file_sha256, info.read_onnx
+
+    def counted(what, real):
+        def call(path, *args, **kwargs):
+            calls.append((what, Path(path).resolve()))
+            return real(path, *args, **kwargs)
+        return call
+
+    for module in (info, precision):
+        monkeypatch.setattr(module, "file_sha256", counted("hash", real_hash))
+        monkeypatch.setattr(module, "read_onnx", counted("read", real_read))
+    r = cli("run", dataset[0], "--model", model, "--out", tmp_path / "run", "--cache-dir", tmp_path / "cache", "-q",
+            *extra)
+    assert r.exit_code == 0, r.output
+    of_model = [what for what, path in calls if path == Path(model).resolve()]
+    if not extra:  # fp32: the file that runs is --model, read and hashed by the check alone
+        assert sorted(of_model) == ["hash", "read"], calls
+    else:  # fp16 reads the source's metadata to prepare it; each file is hashed once
+        assert of_model.count("hash") == 1, calls
+        hashed = [path for what, path in calls if what == "hash"]
+        assert len(hashed) == len(set(hashed)) == 2, calls  # --model and the prepared file
+    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_json["model"]["prepared"]["source_sha256"] == real_hash(model)

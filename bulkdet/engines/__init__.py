@@ -4,13 +4,14 @@ from bulkdet.engines.base import Engine
 from bulkdet.model.info import is_engine_file, load_model_info
 
 
-def model_info(path, names_file=None):
-    """ModelInfo of an ONNX model, or of a serialized TensorRT engine (read with TensorRT)."""
+def model_info(path, names_file=None, sha256: str | None = None):
+    """ModelInfo of an ONNX model, or of a serialized TensorRT engine (read with TensorRT).
+    `sha256`: the file's, when the caller has it already."""
     if is_engine_file(path):
         from bulkdet.engines.tensorrt import engine_model_info
 
         return engine_model_info(path, names_file)
-    return load_model_info(path, names_file)
+    return load_model_info(path, names_file, sha256)
 
 
 def create_engine(backend: str, model_path, device: str = "cpu", threads: int | None = None,

@@ -251,7 +251,8 @@ def split_inputs(model: onnx.ModelProto, path: Path):
     return image, tuple(_extra_input(path, i) for i in inputs if i is not image)
 
 
-def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
+def load_model_info(path: Path, names_file: Path | None = None, sha256: str | None = None) -> ModelInfo:
+    """`sha256`: the file's, when the caller has it already (a model can be large: hashed once)."""
     path = Path(path)
     model = read_onnx(path)
     meta = model_metadata(model)
@@ -273,7 +274,7 @@ def load_model_info(path: Path, names_file: Path | None = None) -> ModelInfo:
             raise ValueError(f"{path}: class names in its metadata: {exc}; give them with --names") from None
     check_names_fit(names, outputs, end2end, source)
     return ModelInfo(
-        path=path, sha256=file_sha256(path), input_name=image.name,
+        path=path, sha256=sha256 or file_sha256(path), input_name=image.name,
         input_dtype=_ONNX_DTYPES[tensor.elem_type], batch=dims[0], height=dims[2], width=dims[3],
         names=names, stride=_stride(meta.get("stride"), path),
         end2end=end2end, outputs=outputs, layout_hint=layout_hint(meta), extra_inputs=extra_inputs,

@@ -116,13 +116,16 @@ def cache_key(source_sha256: str, precision: str, calibration: dict | None, tool
 
 
 def prepare_model(source: Path, precision: str, calibration: Calibration | None = None,
-                  cache: Path | None = None) -> ModelFile:
-    """The model at `precision`, from the cache or made now (and cached): what `bulkdet prepare` does."""
+                  cache: Path | None = None, source_sha256: str | None = None) -> ModelFile:
+    """The model at `precision`, from the cache or made now (and cached): what `bulkdet prepare` does.
+    `source_sha256`: the source's, when the caller has read it already (hashed once)."""
     source = Path(source)
     precision = Precision.parse(precision, "precision").value
-    source_sha = file_sha256(source)
+    source_sha = source_sha256 or file_sha256(source)
+    if precision == "fp32":  # the source itself, not read again
+        return ModelFile(source, precision, source_sha, source_sha, cached=False)
     declared = model_precision(source)
-    if precision == "fp32" or declared == precision:
+    if declared == precision:
         return ModelFile(source, precision, source_sha, source_sha, cached=False)
     if declared:
         raise ValueError(f"{source} is already prepared as {declared}; prepare {precision} from the fp32 model")
@@ -178,19 +181,20 @@ def with_nms(model: ModelFile, conf: float, iou: float, max_det: int, cache: Pat
 
 
 def model_for_run(model: Path, precision: str, dataset: Path, calib_images: int, imgsz: int,
-                  cache: Path | None = None, device: str = "gpu", feed: CalibrationFeed | None = None) -> ModelFile:
+                  cache: Path | None = None, device: str = "gpu", feed: CalibrationFeed | None = None,
+                  source_sha256: str | None = None) -> ModelFile:
     """What `run --precision` runs: INT8 calibrates on the run's own dataset at the run's input size,
-    in the scheme of the device it runs on."""
+    in the scheme of the device it runs on. `source_sha256`: --model's, when already taken."""
     model = Path(model)
     if is_engine_file(model):
         if precision != "fp32":
             raise ValueError("a TensorRT engine's precision was fixed when it was built: "
                              "--precision applies to ONNX models")
-        sha = file_sha256(model)
+        sha = source_sha256 or file_sha256(model)
         return ModelFile(model, "engine", sha, sha, cached=False)
     calibration = (Calibration(Path(dataset), calib_images, imgsz=imgsz, target=device, feed=feed)
                    if precision == "int8" else None)
-    return prepare_model(model, precision, calibration, cache)
+    return prepare_model(model, precision, calibration, cache, source_sha256)
 
 
 def export_prepared(model: ModelFile, out: Path) -> Path:

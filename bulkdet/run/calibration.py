@@ -13,9 +13,10 @@ from bulkdet.run.plan import plan_batches
 from bulkdet.store.readers import open_dataset_reader
 
 
-def decoded_batches(sample: CalibrationSample) -> Iterator[np.ndarray]:
-    """Float32 [n,3,H,W] batches of the sample's images; images that fail to decode are left out."""
-    reader = open_dataset_reader(sample.dataset)
+def decoded_batches(sample: CalibrationSample, storage_options: dict | None = None) -> Iterator[np.ndarray]:
+    """Float32 [n,3,H,W] batches of the sample's images; images that fail to decode are left out.
+    `storage_options`: the run's, for a dataset packed by reference from a URL."""
+    reader = open_dataset_reader(sample.dataset, storage_options=storage_options)
     decoder = Decoder("cpu", sample.max_batch, out_dtype=np.float32)
     try:
         for batch in plan_batches(sample.rows, sample.input_hw, sample.max_batch):

@@ -45,14 +45,23 @@ class ShardWorker:
     """A Ray actor: one engine and decoder, built once, for every shard it is given."""
 
     def __init__(self, cfg: RunConfig, model: ModelInfo):
-        # The device is resolved here, on the worker's machine (Ray sets CUDA_VISIBLE_DEVICES).
-        selection = select_device(cfg.device, cfg.backend, cfg.model)
-        self.processor = ShardProcessor(cfg, model, selection.device, selection.backend)
         self.cfg = cfg
         self.count = Progress(0, quiet=True)  # of the current shard: read by progress()
         self.shard: int | None = None
+        # An error here (a model the engine can't load, no GPU) is raised by info(), the driver's
+        # first call: Ray then hands the driver bulkdet's own exception, as a local run raises it.
+        # Raised in __init__, it would come back as Ray's "actor died" text with the traceback in it.
+        self.start_error: Exception | None = None
+        try:
+            # The device is resolved here, on the worker's machine (Ray sets CUDA_VISIBLE_DEVICES).
+            selection = select_device(cfg.device, cfg.backend, cfg.model)
+            self.processor = ShardProcessor(cfg, model, selection.device, selection.backend)
+        except Exception as exc:
+            self.start_error = exc
 
     def info(self) -> dict:
+        if self.start_error is not None:
+            raise self.start_error
         engine = self.processor.engine
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.processor.device,
                 "backend": engine.name, "provider": engine.provider}
@@ -78,14 +87,15 @@ class ShardWorker:
                 "oom_splits": result.oom_splits, "plan": result.plan}
 
 
-def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None = None) -> RunSummary:
+def run_on_ray(cfg: RunConfig, address: str | None = None, workers: int | None = None,
+               source: ModelInfo | None = None) -> RunSummary:
     """Like runner.run, with the shards spread over Ray workers (one per GPU, or CPU workers)."""
     if importlib.util.find_spec("ray") is None:
         raise RuntimeError("--ray needs Ray: pip install 'bulkdet[ray]'")
     # Workers may run on other machines: they need paths that mean the same there (shared storage).
     cfg = replace(cfg, **{k: Path(v).absolute() for k in ("dataset", "model", "out", "names")
                           if (v := getattr(cfg, k)) is not None})
-    return run(cfg, execute=partial(execute_on_ray, address=address, workers=workers))
+    return run(cfg, execute=partial(execute_on_ray, address=address, workers=workers), source=source)
 
 
 def execute_on_ray(job: RunJob, todo: pa.Table, folder: RunFolder, address: str | None,
@@ -222,6 +232,8 @@ def _schedule(ray, pool: _Pool, shards: dict[int, pa.Table], metadata: dict, pro
                 i = starting.pop(ref)
                 try:
                     pool.info[i] = ray.get(ref)
+                except RayTaskError as exc:  # the worker could not start: the error a local run gives
+                    raise exc.cause from exc  # (--debug shows the worker's traceback)
                 except RayActorError as exc:
                     raise RuntimeError(f"a Ray worker failed to start: {exc}") from None
                 give(i)

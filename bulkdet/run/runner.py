@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import KW_ONLY, asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -83,6 +84,13 @@ class RunConfig:
     layout: str | None = None  # the model's output layout (model/layouts.py); None: told by its outputs
     tiles: TileSettings = field(default_factory=TileSettings)  # --tile: sliced inference (run/tiles.py)
     classes: list[str] | None = None  # keep only these classes (names or ids; None: all)
+    # fsspec options for a dataset packed by reference from a URL. They may hold credentials: not
+    # part of the run's identity, never written (see `recorded`), not shown in a repr.
+    storage_options: dict | None = field(default=None, repr=False)
+
+    def recorded(self) -> dict:
+        """The settings as run.json keeps them: plain data, without storage_options (credentials)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k != "storage_options"}
 
 
 @dataclass
@@ -136,10 +144,11 @@ class ExecResult:
 Executor = Callable[[RunJob, pa.Table, RunFolder], ExecResult]
 
 
-def run(cfg: RunConfig, execute: Executor | None = None) -> RunSummary:
-    """Open the run folder, execute the rows left (in this process unless `execute` says where), finish."""
+def run(cfg: RunConfig, execute: Executor | None = None, source: ModelInfo | None = None) -> RunSummary:
+    """Open the run folder, execute the rows left (in this process unless `execute` says where), finish.
+    `source`: --model as the command line read and checked it (with --names), not read again."""
     t_start = time.time()
-    job = resolve_job(cfg)
+    job = resolve_job(cfg, source=source)
     manifest = read_manifest(cfg.dataset)
     with RunFolder.open(cfg.out, job.identity, overwrite=cfg.overwrite) as folder:
         if cfg.retry_failed:
@@ -156,17 +165,23 @@ def run(cfg: RunConfig, execute: Executor | None = None) -> RunSummary:
     return summary
 
 
-def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
-    """Device, the model file that runs (prepared for --precision / --nms-in-model), identity, run.json."""
+def resolve_job(cfg: RunConfig, selection: Selection | None = None, source: ModelInfo | None = None) -> RunJob:
+    """Device, the model file that runs (prepared for --precision / --nms-in-model), identity, run.json.
+    `source`: cfg.model already read (with cfg.names): neither read nor hashed again."""
     selection = selection or select_device(cfg.device, cfg.backend, cfg.model)
     model_file = model_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz,
-                               cfg.cache_dir, selection.device, feed=decoded_batches)
+                               cfg.cache_dir, selection.device,
+                               feed=partial(decoded_batches, storage_options=cfg.storage_options),
+                               source_sha256=source.sha256 if source else None)
     if cfg.nms_in_model:
         if cfg.layout not in (None, "yolov8"):
             raise LayoutError(f"--nms-in-model supports the yolov8 layout only, not --layout {cfg.layout}: "
                               f"run without --nms-in-model (bulkdet applies the NMS its layout needs)")
         model_file = with_nms(model_file, cfg.conf, cfg.iou, cfg.max_det, cfg.cache_dir)
-    model = model_info(model_file.path, cfg.names)
+    if source is not None and model_file.sha256 == source.sha256:  # the file that runs is --model itself
+        model = replace(source, path=model_file.path)
+    else:  # a file prepared from it (fp16 / int8 / NMS), hashed as it was made
+        model = model_info(model_file.path, cfg.names, model_file.sha256)
     layout = start_layout(cfg, model)  # None: told by the shapes of the first batch
     identity = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                 "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names,
@@ -177,7 +192,7 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None) -> RunJob:
     metadata = {"bulkdet.run_id": run_id, "bulkdet.version": __version__, "model_sha256": model.sha256,
                 "conf": cfg.conf, "iou": cfg.iou, "imgsz": cfg.imgsz, "precision": cfg.precision}
     run_json = {"run_id": run_id, "started": time.time(), "dataset": str(Path(cfg.dataset).resolve()),
-                "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+                "config": cfg.recorded(),
                 "model": {"path": str(cfg.model), "sha256": model.sha256, "names": model.names,
                           "input_hw": model_input_hw(cfg.imgsz, model.stride, model.fixed_shape),
                           "input_dtype": np.dtype(model.input_dtype).name, "prepared": model_file.as_dict(),
@@ -290,7 +305,8 @@ class ShardProcessor:
         self.decoder = Decoder(device, self.max_batch, dali_threads, out_dtype=self.engine.input_dtype,
                                hw_decoder_load=cfg.hw_decoder_load,
                                decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
-        self.reader = open_dataset_reader(cfg.dataset)  # its shards, or the source (packed by reference)
+        # Its shards, or the source (packed by reference).
+        self.reader = open_dataset_reader(cfg.dataset, storage_options=cfg.storage_options)
         # A fixed-batch model gets batches of exactly model.batch (padded); a batch that runs out of
         # memory is halved (and the halves padded again).
         self.infer = HalvingInfer(fixed_batch(self.engine.infer, model.batch))

@@ -90,7 +90,8 @@ class ReferenceBytes:
     in flight; a call's bytes are bounded by the run's batches (the planner's decode budget).
     """
 
-    def __init__(self, dataset_dir: Path, info: dict, threads: int | None = None):
+    def __init__(self, dataset_dir: Path, info: dict, threads: int | None = None,
+                 storage_options: dict | None = None):
         m = read_manifest(dataset_dir).select(["image_id", "path", "bytes", "offset"])
         # Arrow columns, not Python lists: a 10M-row manifest stays a few hundred MB per process.
         self.ids = m.column("image_id").to_numpy()  # sorted: write_manifest sorts by image_id
@@ -100,7 +101,9 @@ class ReferenceBytes:
         self.kind, self.root = info["source_kind"], info["source"]
         self.fs = None
         if self.kind == "url":
-            self.fs, self.root = filesystem(info["source"], info.get("storage_options"))
+            # The run's own options (credentials: dataset.json keeps none) win over those kept at pack.
+            options = {**(info.get("storage_options") or {}), **(storage_options or {})}
+            self.fs, self.root = filesystem(info["source"], options)
         self.pool = ThreadPoolExecutor(threads or (32 if self.kind == "url" else 8))
 
     def _location(self, path: str) -> str:
@@ -147,9 +150,17 @@ def dataset_info(dataset_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def open_dataset_reader(dataset_dir: Path, threads: int | None = None) -> ShardBytes | ReferenceBytes:
-    """The reader of this dataset's bytes: `.read(shard, image_ids, keys)` -> bytes or Unreadable per row."""
+def reads_url(dataset_dir: Path) -> bool:
+    """Whether this dataset's bytes are read from an object store (packed by reference from a URL)."""
+    info = dataset_info(dataset_dir)
+    return bool(info.get("reference")) and info.get("source_kind") == "url"
+
+
+def open_dataset_reader(dataset_dir: Path, threads: int | None = None,
+                        storage_options: dict | None = None) -> ShardBytes | ReferenceBytes:
+    """The reader of this dataset's bytes: `.read(shard, image_ids, keys)` -> bytes or Unreadable per row.
+    `storage_options`: fsspec options (e.g. credentials) for a dataset packed by reference from a URL."""
     info = dataset_info(dataset_dir)
     if info.get("reference"):
-        return ReferenceBytes(dataset_dir, info, threads)
+        return ReferenceBytes(dataset_dir, info, threads, storage_options)
     return ShardBytes(dataset_dir)

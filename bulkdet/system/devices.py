@@ -45,7 +45,10 @@ class GpuStatus:
         return self.base_ok and (self.tensorrt is not None if backend == "tensorrt" else self.onnxruntime_cuda)
 
     def problems(self, backend: str | None) -> list[str]:
-        """What is missing for the GPU with `backend` (None: with either backend)."""
+        """What is missing for the GPU with `backend` (None: with either backend; "decode": DALI's
+        GPU decoder alone, for a decode-only command)."""
+        if backend == "decode":
+            return [self.missing[k] for k in ("driver", "dali") if k in self.missing]
         keys = ["driver", "dali", "cuda-python"]
         if backend == "tensorrt":
             keys.append("tensorrt")
@@ -114,23 +117,26 @@ def select(device: str = "auto", backend: str = "auto", model: Path | None = Non
         missing += f" ({GPU_EXTRA} installs them)"
     if device == "gpu" or backend == "tensorrt":
         what = "--device gpu" if device == "gpu" else f"--backend tensorrt{' (for an engine file)' * is_engine}"
-        raise DeviceError(f"{what}: no usable GPU path: {missing}")
+        raise no_gpu_path(what, missing)
     log.info("no usable GPU path (%s): running on the CPU", missing)
     return Selection("cpu", "onnxruntime", f"no usable GPU path: {missing}")
 
 
-def decode_device(device: str = "auto") -> str:
+def no_gpu_path(what: str, missing: str) -> DeviceError:
+    """The one error of a GPU asked for (`what`: the option) that can't be used here: exit code 1."""
+    return DeviceError(f"{what}: no usable GPU path: {missing}")
+
+
+def decode_device(device: str = "auto", status: GpuStatus | None = None) -> str:
     """Where a decode-only command (`crops`) decodes: it needs DALI's GPU decoder, no backend.
-    auto: the GPU when DALI can decode there; gpu without it is a DeviceError saying why."""
+    auto: the GPU when DALI can decode there; gpu without it is the DeviceError `select` raises."""
     device = Device.parse(device, "--device").value
     if device == "cpu":
         return "cpu"
-    found = probe_machine()
-    why = (found.gpu.error or "no GPU") if not found.gpu.gpus else None if found.backends.dali_gpu.available \
-        else f"DALI cannot decode on the GPU: {found.backends.dali_gpu.why_not}"
-    if why is None:
+    missing = "; ".join((status or probe()).problems("decode"))
+    if not missing:
         return "gpu"
     if device == "gpu":
-        raise DeviceError(f"--device gpu: {why}")
-    log.info("decoding on the CPU: %s", why)
+        raise no_gpu_path("--device gpu", missing)
+    log.info("no usable GPU path (%s): decoding on the CPU", missing)
     return "cpu"
