@@ -16,7 +16,7 @@ from bulkdet.store.readers import open_dataset_reader
 def decoded_batches(sample: CalibrationSample) -> Iterator[np.ndarray]:
     """Float32 [n,3,H,W] batches of the sample's images; images that fail to decode are left out."""
     reader = open_dataset_reader(sample.dataset)
-    decoder = Decoder("cpu", sample.max_batch, out_dtype=np.float32)
+    decoder = Decoder("cpu", sample.max_batch, out_dtype=np.float32, norm=sample.norm)
     try:
         for batch in plan_batches(sample.rows, sample.input_hw, sample.max_batch):
             encoded = [data if isinstance(data, bytes) else b"" for data in
