@@ -19,8 +19,8 @@ import typer
 from typer.core import TyperGroup
 
 from bulkdet.choices import (IMGSZ_MAX, IMGSZ_MIN, MAX_BATCH, MAX_DET, MAX_THREADS, SHARD_MB_MAX, SHARD_MB_MIN,
-                             TILE_MAX, TILE_MIN, TILE_OVERLAP_MAX, Backend, Device, InputScale, Int8Target, Layout, Precision,
-                             TileMatch, TileMerge)
+                             TILE_MAX, TILE_MIN, TILE_OVERLAP_MAX, Backend, Device, InputScale, Int8Target, Layout,
+                             Precision, TileMatch, TileMerge)
 from bulkdet.ingest.imageinfo import DEFAULT_MAX_PIXELS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_INPUTS = 0, 1, 2, 3
