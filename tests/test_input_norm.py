@@ -18,7 +18,7 @@ from PIL import Image
 
 from bulkdet.ingest.pack import pack
 from bulkdet.model.info import IMAGENET_MEAN, IMAGENET_STD, InputNorm, parse_norm
-from bulkdet.run.decode import Decoder, pad_values, pillow_letterbox
+from bulkdet.run.decode import Decoder, _to_host, pad_values, pillow_letterbox
 from bulkdet.run.plan import Batch, letterbox
 from bulkdet.synthetic import Rect, compare_with_truth, draw_upright, write_image
 from conftest import make_images
@@ -253,3 +253,24 @@ def test_int8_calibrates_on_normalised_images(tmp_path, analytic_model, dataset)
     assert "input_norm" not in plain.identity and normed.identity["input_norm"] == IMAGENET.as_dict()
     (a,), (b,) = list(decoded_batches(plain)), list(decoded_batches(normed))
     np.testing.assert_allclose(undo(b, IMAGENET), a, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [False, True])
+def test_gpu_graph_normalises_as_the_cpu_graph(tmp_path, tile):
+    """DALI's GPU normalise pass (whole images and tiles), padding included."""
+    from bulkdet.run.plan import plan
+    from bulkdet.run.tiles import TileSettings, expand
+
+    data = write_image(tmp_path / "a.png", 600, 300, [Rect(1, 100, 50, 200, 120)], fmt="png", seed=1).read_bytes()
+    rows = pa.table({"image_id": [0], "shard": [0], "width": [600], "height": [300], "path": ["a"], "key": [b"a"]})
+    items = expand(rows, TileSettings(256, overlap=0.25, full=True)) if tile else rows
+    for batch in plan(items, 256, 4):
+        cpu = Decoder("cpu", max_batch=4, num_threads=1, norm=MMDET).decode(batch, [data] * len(batch))
+        gpu = Decoder("gpu", max_batch=4, num_threads=1, norm=MMDET).decode(batch, [data] * len(batch))
+        host = _to_host(gpu.tensor)
+        # the same up to a level of the resize's rounding on the GPU, in 0..1 once undone
+        np.testing.assert_allclose(undo(host, MMDET), undo(cpu.tensor, MMDET), atol=1.01 / 255)
+        if not tile:  # the whole image, letterboxed: its top-left pixel is the normalised gray
+            np.testing.assert_allclose(host[0, :, 0, 0], pad_values(MMDET), rtol=1e-6)
+        assert gpu.errors == {} and host.shape == cpu.tensor.shape
