@@ -265,7 +265,7 @@ def test_gpu_graph_normalises_as_the_cpu_graph(tmp_path, tile):
     data = write_image(tmp_path / "a.png", 600, 300, [Rect(1, 100, 50, 200, 120)], fmt="png", seed=1).read_bytes()
     rows = pa.table({"image_id": [0], "shard": [0], "width": [600], "height": [300], "path": ["a"], "key": [b"a"]})
     items = expand(rows, TileSettings(256, overlap=0.25, full=True)) if tile else rows
-    for batch in plan(items, 256, 4):
+    for batch in plan(items, 256, 4, fixed_hw=(256, 256)):  # the whole image padded above and below
         cpu = Decoder("cpu", max_batch=4, num_threads=1, norm=MMDET).decode(batch, [data] * len(batch))
         gpu = Decoder("gpu", max_batch=4, num_threads=1, norm=MMDET).decode(batch, [data] * len(batch))
         host = _to_host(gpu.tensor)
