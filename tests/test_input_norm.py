@@ -274,3 +274,11 @@ def test_gpu_graph_normalises_as_the_cpu_graph(tmp_path, tile):
         if not tile:  # the whole image, letterboxed: its top-left pixel is the normalised gray
             np.testing.assert_allclose(host[0, :, 0, 0], pad_values(MMDET), rtol=1e-6)
         assert gpu.errors == {} and host.shape == cpu.tensor.shape
+
+
+def test_prepare_takes_the_same_options(tmp_path, analytic_model, cli, dataset):
+    r = cli("prepare", analytic_model, "--precision", "int8", "--calib", dataset[0], "--mean", "300",
+            "--cache-dir", tmp_path / "cache")
+    assert r.exit_code == 2
+    assert "'--mean'" in _error_line(r) and "not within 0..1" in _error_line(r)
+    assert not (tmp_path / "cache").exists()
