@@ -57,7 +57,7 @@ class InputScale(Choice):
     """The pixel range of the model's image input before --mean / --std (`run --input-scale`)."""
 
     ONE = "1"  # 0..1
-    BYTE = "255"  # 0..255 (legacy YOLOX, some PaddleDetection and mmdetection exports)
+    BYTE = "255"  # 0..255 (YOLOX, mmdetection-style configs)
 
 
 class Int8Target(Choice):

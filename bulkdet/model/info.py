@@ -74,10 +74,10 @@ def parse_norm(scale=None, mean: str | None = None, std: str | None = None) -> I
     """The normalisation given as text ("1" | "255"; "R,G,B", one value for all three, a JSON
     list, or "imagenet"), None for a default. ValueError naming the value and its range when
     wrong: 3 finite values, mean within 0..scale, std within (0, scale]."""
-    try:
-        scale = int(InputScale.parse(str(scale if scale is not None else 1).strip(), "input_scale").value)
-    except ValueError:
-        raise ValueError(f"input scale {scale!r} is not 1 (a 0..1 input) or 255 (a 0..255 input)") from None
+    text = str(scale if scale is not None else 1).strip()
+    if text not in {m.value for m in InputScale}:
+        raise ValueError(f"input scale {scale!r} is not 1 (a 0..1 input) or 255 (a 0..255 input)")
+    scale = int(text)
     return InputNorm(scale, _channels("mean", mean, scale, 0.0), _channels("std", std, scale, 1.0))
 
 
