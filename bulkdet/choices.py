@@ -53,6 +53,13 @@ class Layout(Choice):
     NMS4 = "nms4"
 
 
+class InputScale(Choice):
+    """The pixel range of the model's image input before --mean / --std (`run --input-scale`)."""
+
+    ONE = "1"  # 0..1
+    BYTE = "255"  # 0..255 (YOLOX, mmdetection-style configs)
+
+
 class Int8Target(Choice):
     """The device an INT8 model is calibrated for (its quantization scheme: precision.INT8_SCHEMES)."""
 

@@ -20,8 +20,8 @@ import typer
 from typer.core import TyperGroup
 
 from bulkdet.choices import (IMGSZ_MAX, IMGSZ_MIN, MAX_BATCH, MAX_DET, MAX_THREADS, SHARD_MB_MAX, SHARD_MB_MIN,
-                             TILE_MAX, TILE_MIN, TILE_OVERLAP_MAX, Backend, Device, Int8Target, Layout, Precision, TileMatch,
-                             TileMerge)
+                             TILE_MAX, TILE_MIN, TILE_OVERLAP_MAX, Backend, Device, InputScale, Int8Target, Layout,
+                             Precision, TileMatch, TileMerge)
 from bulkdet.ingest.imageinfo import DEFAULT_MAX_PIXELS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_INPUTS = 0, 1, 2, 3
@@ -217,6 +217,31 @@ def _check_writable(path: Optional[Path], param_hint: str, folder: bool = False)
         raise typer.BadParameter(f"{path}: no permission to write in {existing}", param_hint=param_hint)
 
 
+# The model input's normalisation: options of `run` and `prepare` (INT8 calibrates on normalised images).
+_INPUT_SCALE = typer.Option(None, "--input-scale", help="The model's pixel range before --mean/--std: 1 (0..1) "
+                            "or 255 (0..255). Default: the model's metadata, else 1. See docs/models.md.")
+_MEAN = typer.Option(None, "--mean", metavar="R,G,B", help="Subtracted from each channel, in --input-scale units "
+                     "(e.g. 0.485,0.456,0.406), or 'imagenet'. Default: the model's metadata, else 0.")
+_STD = typer.Option(None, "--std", metavar="R,G,B", help="Divides each channel after --mean, in --input-scale units "
+                    "(e.g. 0.229,0.224,0.225), or 'imagenet'. Default: the model's metadata, else 1.")
+
+
+def _input_norm(scale: Optional[InputScale], mean: Optional[str], std: Optional[str]):
+    """The normalisation the command line gives (None: none of its options, the model's metadata
+    decides); a bad value is a usage error naming its option."""
+    if scale is None and mean is None and std is None:
+        return None
+    from bulkdet.model.info import parse_norm
+
+    scale = scale.value if scale else None
+    for option, given in (("mean", mean), ("std", std)):
+        try:
+            parse_norm(scale, **{option: given})
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint=f"'--{option}'") from None
+    return parse_norm(scale, mean, std)
+
+
 @app.command()
 def pack(
     src: str = typer.Argument(..., help="What to pack: a folder (walked recursively), a text file listing paths "
@@ -353,6 +378,9 @@ def run(
     tile_match: TileMatch = typer.Option(TileMatch.IOS, help="Boxes match by intersection over the "
                                          "smaller box (ios) or over the union (iou)."),
     tile_match_threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Boxes match above this overlap."),
+    input_scale: Optional[InputScale] = _INPUT_SCALE,
+    mean: Optional[str] = _MEAN,
+    std: Optional[str] = _STD,
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.run.model_errors import ModelRunError
@@ -373,6 +401,7 @@ def run(
         raise typer.BadParameter(f"{dataset_dir} reads no object store (it was not packed --reference from a URL): "
                                  "run without it", param_hint="'--storage-options'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
+    norm = _input_norm(input_scale, mean, std)
     _setup_logging(quiet)
     checked = _check_model(model, names, imgsz, layout=layout.value if layout else None, classes_kept=classes)
     cfg = RunConfig(dataset_dir, model, out, device=device.value, backend=backend.value, imgsz=imgsz,
@@ -385,7 +414,7 @@ def run(
                     pixel_budget=pixel_budget, decode_budget=decode_budget, infer_workers=infer_workers,
                     layout=layout.value if layout else None,
                     tiles=TileSettings(tile, tile_overlap, tile_full, tile_merge.value, tile_match.value,
-                                       tile_match_threshold), classes=classes or None, storage_options=options)
+                                       tile_match_threshold), classes=classes or None, storage_options=options, norm=norm)
     try:
         with _quiet_native_output(quiet):
             if use_ray:
@@ -432,6 +461,9 @@ def prepare(
     out: Optional[Path] = typer.Option(None, "--out", dir_okay=False, help="Also copy the prepared model here."),
     cache_dir: Optional[Path] = typer.Option(None, help="Default: $BULKDET_CACHE_DIR or ~/.cache/bulkdet."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    input_scale: Optional[InputScale] = _INPUT_SCALE,
+    mean: Optional[str] = _MEAN,
+    std: Optional[str] = _STD,
 ):
     """Make the FP16 or INT8 (Q/DQ, calibrated) ONNX of MODEL; cached, reused by `run --precision`."""
     from bulkdet.model.precision import Calibration, export_prepared, prepare_model
@@ -443,9 +475,10 @@ def prepare(
         raise typer.BadParameter("int8 needs calibration images: --calib DATASET_DIR", param_hint="'--calib'")
     _check_writable(out, "'--out'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
+    norm = _input_norm(input_scale, mean, std)
     _setup_logging(quiet)
     checked = _check_model(model, None, imgsz if precision is Precision.INT8 else None, param_hint="'MODEL'")
-    calibration = (Calibration(calib, calib_images, seed, imgsz, target.value, feed=decoded_batches)
+    calibration = (Calibration(calib, calib_images, seed, imgsz, target.value, norm=norm, feed=decoded_batches)
                    if precision is Precision.INT8 else None)
     try:
         with _quiet_native_output(quiet):

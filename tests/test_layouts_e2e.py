@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from bulkdet.choices import Layout
 from bulkdet.engines.base import InputSlot, fixed_batch
 from bulkdet.ingest.pack import pack
-from bulkdet.model.layouts import LAYOUTS, LayoutError, decode, detect
+from bulkdet.model.layouts import LAYOUTS, LayoutError, box_score_roles, class_count, decode, detect
 from bulkdet.synthetic import compare_with_truth
 from conftest import make_images
 
@@ -78,6 +78,15 @@ def _layout_nodes(layout):
         nodes = [n("Identity", ["rl_xyxy"], ["boxes"]), n("Identity", ["rl_cls"], ["scores"])]
         outs = [("boxes", F, [3, 4]), ("scores", F, [3, 3])]
         return nodes, outs if layout == "boxes-scores" else outs[::-1]
+    if layout in ("paddle", "paddle-dynamic"):  # PP-YOLOE exclude_nms: boxes [B, N, 4], scores [B, nc, N];
+        # N = 5 (two empty boxes added) so that it differs from nc = 3
+        return [
+            _const("rl_pads", [0, 0, 0, 0, 2, 0]),
+            n("Pad", ["rl_xyxy", "rl_pads"], ["boxes"]),
+            n("Pad", ["rl_cls", "rl_pads"], ["rl_cls5"]),
+            n("Transpose", ["rl_cls5"], ["scores"], perm=[0, 2, 1]),
+        ], [("boxes", F, [5, 4] if layout == "paddle" else ["n", 4]),
+            ("scores", F, [3, 5] if layout == "paddle" else [3, "n"])]
     if layout == "nms4":  # EfficientNMS style: detections sorted by score, num_dets of them count
         return [
             _const("rl_k", [3]), _const("rl_ax1", [1]), _const("rl_zero", 0.0, F),
@@ -153,7 +162,8 @@ def _run_exact(cli, tmp_path, model, dataset, truth, *extra):
 @pytest.mark.parametrize("shapes", ["dynamic", "fixed"])
 @pytest.mark.parametrize("layout,expected", [
     ("yolov5", "yolov5"), ("end2end", "end2end"), ("detr", "detr"), ("detr2", "detr"),
-    ("boxes-scores", "boxes-scores"), ("scores-boxes", "boxes-scores"), ("nms4", "nms4")])
+    ("boxes-scores", "boxes-scores"), ("scores-boxes", "boxes-scores"), ("nms4", "nms4"),
+    ("paddle", "boxes-scores"), ("paddle-dynamic", "boxes-scores")])
 def test_every_layout_gives_exact_boxes(tmp_path, analytic_model, cli, packed, layout, expected, shapes):
     fixed = {"batch": 4, "hw": (640, 640)} if shapes == "fixed" else {}
     model = rewire(analytic_model, tmp_path / f"{layout}.onnx", layout, **fixed)
@@ -277,6 +287,38 @@ def test_nms_in_model_refuses_other_layouts(tmp_path, analytic_model, cli, packe
 ])
 def test_detect_on_shapes(outputs, nc, layout):
     assert detect(outputs, nc) == layout
+
+
+@pytest.mark.parametrize("outputs,nc,first", [
+    ([("b", (1, 8400, 4)), ("s", (1, 80, 8400))], None, True),  # PP-YOLOE: N tells
+    ([("b", (1, 8400, 4)), ("s", (1, 8400, 80))], None, False),
+    ([("s", (1, 80, 8400)), ("b", (1, 8400, 4))], 80, True),  # either order
+    ([("b", (None, None, 4)), ("s", (None, 80, None))], None, True),  # a fixed class count, dynamic N
+    ([("b", (None, None, 4)), ("s", (None, None, 80))], None, False),
+    ([("b", (None, None, 4)), ("s", (None, 80, 8400))], 80, True),  # N hidden: the names' count tells
+    ([("b", (None, None, 4)), ("s", (None, 8400, 80))], 80, False),
+    ([("b", (None, None, 4)), ("s", (None, 80, 8400))], None, None),  # told at the first batch
+    ([("b", (1, 3, 4)), ("s", (1, 3, 3))], 3, False),  # as many classes as boxes: [B, N, nc]
+    ([("b", (1, 5, 4)), ("s", (1, 4, 5))], 4, True),  # 4 classes
+])
+def test_scores_classes_first_told_by_shapes(outputs, nc, first):
+    roles = box_score_roles(outputs, nc)
+    assert (roles[2] if roles else roles) == first
+
+
+def test_scores_classes_first_decode_and_count():
+    outputs = [("boxes", (1, 5, 4)), ("scores", (1, 3, 5))]
+    assert class_count(outputs, "boxes-scores") == 3
+    boxes = np.arange(20, dtype=np.float32).reshape(1, 5, 4) * 10
+    scores = np.zeros((1, 3, 5), np.float32)
+    scores[0, 2, 1] = 0.9  # box 1, class 2
+    cand = decode("boxes-scores", [boxes, scores], (640, 640), ["boxes", "scores"])
+    k = int(cand.scores[0].argmax())
+    got_boxes, got_scores, got_classes = cand.take(0, np.array([k]))
+    assert got_classes.tolist() == [2] and got_scores.tolist() == [pytest.approx(0.9)]
+    np.testing.assert_array_equal(got_boxes[0], boxes[0, 1])
+    with pytest.raises(LayoutError, match="3 classes"):  # 3 names, 80 classes either way round
+        detect([("b", (1, 8400, 4)), ("s", (1, 80, 8400))], 3)
 
 
 @pytest.mark.parametrize("outputs,nc", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import onnx
 import yaml
 from google.protobuf.message import DecodeError
 
+from bulkdet.choices import InputScale
 from bulkdet.model.layouts import LayoutError, class_count, describe, detect
 
 DEFAULT_STRIDE = 32  # pixels per output cell, when the model's metadata does not say
@@ -39,6 +41,74 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 @dataclass(frozen=True)
+class InputNorm:
+    """What the model's image input holds, per RGB channel: x = pixel / 255 * scale (0..1 or
+    0..255), then (x - mean) / std, mean and std in the units of x (docs/models.md)."""
+
+    scale: int = 1
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @property
+    def is_default(self) -> bool:
+        return self == InputNorm()
+
+    def on_bytes(self) -> tuple[list[float], list[float]]:
+        """(mean, std) on 8-bit pixel values p, as DALI's crop_mirror_normalize takes them:
+        (p - mean') / std' == (p / 255 * scale - mean) / std."""
+        k = 255.0 / self.scale
+        return [m * k for m in self.mean], [s * k for s in self.std]
+
+    def as_dict(self) -> dict:
+        return {"input_scale": self.scale, "mean": list(self.mean), "std": list(self.std)}
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, in 0..1 units (torchvision's; times 255 in mmdet's configs)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRESETS = {"imagenet": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}}
+# The model's metadata keys that say its normalisation (the spelling of --input-scale, --mean, --std).
+NORM_KEYS = ("input_scale", "mean", "std")
+
+
+def parse_norm(scale=None, mean: str | None = None, std: str | None = None) -> InputNorm:
+    """The normalisation given as text ("1" | "255"; "R,G,B", one value for all three, a JSON
+    list, or "imagenet"), None for a default. ValueError naming the value and its range when
+    wrong: 3 finite values, mean within 0..scale, std within (0, scale]."""
+    text = str(scale if scale is not None else 1).strip()
+    if text not in {m.value for m in InputScale}:
+        raise ValueError(f"input scale {scale!r} is not 1 (a 0..1 input) or 255 (a 0..255 input)")
+    scale = int(text)
+    return InputNorm(scale, _channels("mean", mean, scale, 0.0), _channels("std", std, scale, 1.0))
+
+
+def _channels(what: str, text: str | None, scale: int, default: float) -> tuple[float, float, float]:
+    if text is None:
+        return (default,) * 3
+    text = str(text).strip()
+    if text.lower() in PRESETS:
+        return tuple(v * scale for v in PRESETS[text.lower()][what])
+    try:
+        values = [float(v) for v in text.strip("[]()").replace(" ", ",").split(",") if v]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3) or not all(map(math.isfinite, values)):
+        raise ValueError(f"{what} {text!r} is not 3 numbers R,G,B (or one for all, or {', '.join(PRESETS)})")
+    values = values * 3 if len(values) == 1 else values
+    low = min(values)
+    if low < 0 or (what == "std" and low == 0) or max(values) > scale:
+        within = f"within 0..{scale}" if what == "mean" else f"above 0 and at most {scale}"
+        hint = ", or input scale 255" if scale == 1 and 1 < max(values) <= 255 else ""
+        raise ValueError(f"{what} {text} is not {within} (the pixel range of input scale {scale}): "
+                         f"give it in those units{hint}")
+    return tuple(values)
+
+
+def model_norm(given: InputNorm | None, info: "ModelInfo") -> InputNorm:
+    """The run's normalisation: the one given on the command line, else the model's metadata's, else none."""
+    return given or info.norm or InputNorm()
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     path: Path
     sha256: str
@@ -54,6 +124,7 @@ class ModelInfo:
     outputs: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
     layout_hint: str | None = None  # the layout the metadata names (Ultralytics' RT-DETR: detr)
     extra_inputs: tuple["ExtraInput", ...] = ()  # inputs besides the image, fed per batch (see EXTRA_INPUTS)
+    norm: InputNorm | None = None  # the normalisation its metadata says (NORM_KEYS); None: not said
 
     @property
     def fixed_shape(self) -> tuple[int, int] | None:
@@ -273,11 +344,17 @@ def load_model_info(path: Path, names_file: Path | None = None, sha256: str | No
         except ValueError as exc:
             raise ValueError(f"{path}: class names in its metadata: {exc}; give them with --names") from None
     check_names_fit(names, outputs, end2end, source)
+    norm = None
+    if any(k in meta for k in NORM_KEYS):
+        try:
+            norm = parse_norm(*(meta.get(k) for k in NORM_KEYS))
+        except ValueError as exc:
+            raise ValueError(f"{path}: its metadata's input normalisation: {exc}") from None
     return ModelInfo(
         path=path, sha256=sha256 or file_sha256(path), input_name=image.name,
         input_dtype=_ONNX_DTYPES[tensor.elem_type], batch=dims[0], height=dims[2], width=dims[3],
         names=names, stride=_stride(meta.get("stride"), path),
-        end2end=end2end, outputs=outputs, layout_hint=layout_hint(meta), extra_inputs=extra_inputs,
+        end2end=end2end, outputs=outputs, layout_hint=layout_hint(meta), extra_inputs=extra_inputs, norm=norm,
     )
 
 

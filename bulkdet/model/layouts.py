@@ -9,7 +9,8 @@ One home for every layout (docs/models.md):
             outputs boxes [B, Q, 4] + class scores or logits [B, Q, nc] (D-FINE, RF-DETR);
             boxes cx, cy, w, h normalised to 0..1 of the model input
 - `boxes-scores` two outputs: boxes [B, N, 4] x1, y1, x2, y2 in input pixels and scores [B, N, nc]
-            in either order (DAMO-YOLO, YOLO-NAS, PP-YOLOE without NMS)
+            or [B, nc, N] (PaddleDetection's classes first), in either order (DAMO-YOLO, YOLO-NAS,
+            PP-YOLOE without NMS)
 - `nms4`    four outputs: num_dets [B, 1], boxes [B, K, 4] x1, y1, x2, y2, scores [B, K], classes [B, K]
             (EfficientNMS-style end-to-end exports), or the three last (labels, boxes, scores: RT-DETR
             and D-FINE exported with their post-processor and its orig_target_sizes input)
@@ -121,7 +122,7 @@ def nothing_fits(outputs: list[Output], nc: int | None) -> str:
 _EXPECTED = {
     "yolov8": "[B, 4+nc, N]", "yolov5": "[B, N, 5+nc]", "end2end": "[B, K, 6]",
     "detr": "[B, Q, 4+nc] or [B, Q, 4] + [B, Q, nc]",
-    "boxes-scores": "[B, N, 4] + [B, N, nc]",
+    "boxes-scores": "[B, N, 4] + [B, N, nc] or [B, nc, N]",
     "nms4": "[B, 1] + [B, K, 4] + [B, K] + [B, K] (or labels + boxes + scores)",
 }
 
@@ -173,12 +174,16 @@ def _two_outputs(outputs: list[Output], nc: int | None, values):
 
 
 def box_score_roles(outputs: list[Output], nc: int | None):
-    """(index of the boxes output, index of the scores output); None: a dynamic dimension hides
-    it; False: no [B, N, 4] + [B, N, nc] pair."""
+    """(index of the boxes output, index of the scores output, classes_first): classes_first when
+    the scores are [B, nc, N] (PaddleDetection's PP-YOLOE) rather than [B, N, nc]. None: a dynamic
+    dimension hides it; False: no [B, N, 4] + scores pair.
+
+    The scores' dimension that equals the boxes' N is the boxes one; when N is hidden (dynamic),
+    the one equal to the class count (`nc`, from the names) is the classes one, else a fixed
+    dimension facing a dynamic one is the classes one (an export fixes its class count). Scores
+    [B, N, N] (as many classes as boxes) read as [B, N, nc]."""
     (_, s0), (_, s1) = outputs
     if len(s0) != 3 or len(s1) != 3:
-        return False
-    if s0[1] is not None and s1[1] is not None and s0[1] != s1[1]:
         return False
     four = [i for i, (_, s) in enumerate(outputs) if s[2] == 4]
     if len(four) == 2:  # nc == 4: the name tells
@@ -188,12 +193,43 @@ def box_score_roles(outputs: list[Output], nc: int | None):
         return None if any(s[2] is None for s in (s0, s1)) else False
     boxes = four[0]
     scores = 1 - boxes
-    c = outputs[scores][1][2]
-    if c is None:
-        return (boxes, scores)
-    if c < 1 or (nc and c != nc):
+    n = outputs[boxes][1][1]
+    first = _classes_first(n, outputs[scores][1][1:], nc)
+    if first is None or first is False:
+        return first
+    c = outputs[scores][1][1 if first == "classes" else 2]
+    if c is not None and (c < 1 or (nc and c != nc)):
         return False
-    return (boxes, scores)
+    return (boxes, scores, first == "classes")
+
+
+def _classes_first(n: int | None, dims: tuple, nc: int | None):
+    """Which of the scores' two dimensions `dims` is the classes one: "classes" (first: [nc, N]),
+    "boxes" (first: [N, nc]); None when a dynamic dimension hides it; False when neither fits."""
+    a, b = dims
+
+    def fits(boxes_dim, classes_dim):  # None: can't tell
+        if n is not None and boxes_dim is not None and boxes_dim != n:
+            return False
+        if nc and classes_dim is not None and classes_dim != nc:
+            return False
+        return True
+
+    boxes_first, classes_first = fits(a, b), fits(b, a)
+    if boxes_first != classes_first:
+        return "boxes" if boxes_first else "classes"
+    if not boxes_first:
+        return False
+    # Both fit: decided by what is known, most telling first.
+    if a is not None and a == b:  # [B, N, N]: as many classes as boxes
+        return "boxes"
+    if n is not None and n in (a, b):
+        return "boxes" if a == n else "classes"
+    if nc and nc in (a, b):
+        return "boxes" if b == nc else "classes"
+    if (a is None) != (b is None):  # a fixed class count facing a dynamic number of boxes
+        return "boxes" if a is None else "classes"
+    return None
 
 
 def nms4_roles(outputs: list[Output]) -> tuple[int | None, int, int, int] | None:
@@ -226,7 +262,7 @@ def class_count(outputs: list[Output], layout: str | None) -> int | None:
     shapes = [tuple(shape) for _, shape in outputs]
     if len(shapes) == 2 and all(len(shape) == 3 for shape in shapes):  # detr / boxes-scores: the scores' last dim
         roles = box_score_roles(outputs, None)
-        return shapes[roles[1]][2] if roles else None
+        return shapes[roles[1]][1 if roles[2] else 2] if roles else None
     if len(shapes) != 1 or len(shapes[0]) != 3:
         return None  # end2end, nms4: the class ids are values, not a dimension
     _, a, b = shapes[0]
@@ -272,6 +308,8 @@ def decode(layout: str, outputs: list[np.ndarray], input_hw: tuple[int, int],
         if not roles:
             raise LayoutError(f"the model's outputs {describe(specs)} do not fit layout {layout}")
         boxes, scores = _f32(outputs[roles[0]]), _f32(outputs[roles[1]])
+        if roles[2]:  # [B, nc, N] (PaddleDetection): as [B, N, nc]
+            scores = np.ascontiguousarray(scores.transpose(0, 2, 1))
         b, n, nc = scores.shape
         if layout == "boxes-scores":  # every (box, class) pair above --conf, NMS per class (multiclass NMS)
             return Candidates(boxes, scores.reshape(b, n * nc), None, None, True, per_box=nc)

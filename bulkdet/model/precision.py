@@ -38,8 +38,8 @@ import pyarrow.compute as pc
 
 from bulkdet.choices import Int8Target, Precision
 from bulkdet.model.graph_nms import NMS_VERSION, add_nms
-from bulkdet.model.info import (extra_input_values, file_sha256, is_engine_file, load_model_info, model_input_hw,
-                                model_metadata, read_onnx, split_inputs)
+from bulkdet.model.info import (InputNorm, extra_input_values, file_sha256, is_engine_file, load_model_info,
+                                model_input_hw, model_metadata, model_norm, read_onnx, split_inputs)
 from bulkdet.store.atomic import commit, copy_atomic, write_json_atomic
 from bulkdet.store.cache import cache_dir
 
@@ -79,6 +79,7 @@ class Calibration:
     seed: int = 0
     imgsz: int = 640  # input size for models with a dynamic input shape
     target: str = "gpu"  # the INT8 scheme: "gpu" (TensorRT-compatible, runs everywhere) or "cpu"
+    norm: InputNorm | None = None  # the images' input normalisation (None: the model's metadata's, else none)
     # The sample's images as model inputs (run/calibration.py decodes them with the run's own
     # graph); passed in so that the model tools do not depend on the run's stages.
     feed: CalibrationFeed | None = field(default=None, compare=False)
@@ -182,7 +183,7 @@ def with_nms(model: ModelFile, conf: float, iou: float, max_det: int, cache: Pat
 
 def model_for_run(model: Path, precision: str, dataset: Path, calib_images: int, imgsz: int,
                   cache: Path | None = None, device: str = "gpu", feed: CalibrationFeed | None = None,
-                  source_sha256: str | None = None) -> ModelFile:
+                  source_sha256: str | None = None, norm: InputNorm | None = None) -> ModelFile:
     """What `run --precision` runs: INT8 calibrates on the run's own dataset at the run's input size,
     in the scheme of the device it runs on. `source_sha256`: --model's, when already taken."""
     model = Path(model)
@@ -192,7 +193,7 @@ def model_for_run(model: Path, precision: str, dataset: Path, calib_images: int,
                              "--precision applies to ONNX models")
         sha = source_sha256 or file_sha256(model)
         return ModelFile(model, "engine", sha, sha, cached=False)
-    calibration = (Calibration(Path(dataset), calib_images, imgsz=imgsz, target=device, feed=feed)
+    calibration = (Calibration(Path(dataset), calib_images, imgsz=imgsz, target=device, feed=feed, norm=norm)
                    if precision == "int8" else None)
     return prepare_model(model, precision, calibration, cache, source_sha256)
 
@@ -240,6 +241,7 @@ class CalibrationSample:
     max_batch: int
     target: str
     identity: dict  # what the cache key holds: the images' content hashes, the input shape, N, seed, target
+    norm: InputNorm = InputNorm()  # the model input's normalisation (the calibration images get the run's)
 
 
 def calibration_sample(calibration: Calibration, model_path: Path) -> CalibrationSample:
@@ -259,10 +261,12 @@ def calibration_sample(calibration: Calibration, model_path: Path) -> Calibratio
     rows = ok.take(pa.array(chosen))
     input_hw = model_input_hw(calibration.imgsz, info.stride, info.fixed_shape)
     keys = sorted(k.hex() for k in rows.column("key").to_pylist())
+    norm = model_norm(calibration.norm, info)
     identity = {"images": n, "seed": calibration.seed, "input_hw": list(input_hw), "target": calibration.target,
-                "content_sha256": hashlib.sha256("".join(keys).encode()).hexdigest()}
+                "content_sha256": hashlib.sha256("".join(keys).encode()).hexdigest(),
+                **({} if norm.is_default else {"input_norm": norm.as_dict()})}
     return CalibrationSample(Path(calibration.dataset), rows, input_hw, info.batch or CALIB_BATCH,
-                             calibration.target, identity)
+                             calibration.target, identity, norm)
 
 
 class _FeedReader:

@@ -17,7 +17,7 @@ def decoded_batches(sample: CalibrationSample, storage_options: dict | None = No
     """Float32 [n,3,H,W] batches of the sample's images; images that fail to decode are left out.
     `storage_options`: the run's, for a dataset packed by reference from a URL."""
     reader = open_dataset_reader(sample.dataset, storage_options=storage_options)
-    decoder = Decoder("cpu", sample.max_batch, out_dtype=np.float32)
+    decoder = Decoder("cpu", sample.max_batch, out_dtype=np.float32, norm=sample.norm)
     try:
         for batch in plan_batches(sample.rows, sample.input_hw, sample.max_batch):
             encoded = [data if isinstance(data, bytes) else b"" for data in

@@ -214,7 +214,7 @@ def check_run_precision(cfg, prepared, todo, processor) -> DriftReport | None:
         if np.dtype(reference_engine.input_dtype) != np.dtype(engine.input_dtype):
             reference_decoder = Decoder(decoder.device, decoder.max_batch, cfg.dali_threads,
                                         out_dtype=reference_engine.input_dtype, hw_decoder_load=cfg.hw_decoder_load,
-                                        decode_budget=decoder.decode_budget)
+                                        decode_budget=decoder.decode_budget, norm=decoder.norm)
         post = (cfg.conf, cfg.iou, cfg.max_det)
         reference = load_model_info(cfg.model, cfg.names)  # the FP32 source: no NMS in it (usually)
         told = (len(reference.names) or None, reference.end2end, cfg.layout or reference.layout_hint)

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from bulkdet import __version__
 from bulkdet.engines import create_engine, model_info
 from bulkdet.engines.base import fixed_batch
-from bulkdet.model.info import ModelInfo, class_ids, model_input_hw
+from bulkdet.model.info import InputNorm, ModelInfo, class_ids, model_input_hw, model_norm
 from bulkdet.model.layouts import LayoutError, detect, detect_batch
 from bulkdet.model.precision import DEFAULT_CALIB_IMAGES, ModelFile, model_for_run, with_nms
 from bulkdet.run.calibration import decoded_batches
@@ -84,6 +84,8 @@ class RunConfig:
     layout: str | None = None  # the model's output layout (model/layouts.py); None: told by its outputs
     tiles: TileSettings = field(default_factory=TileSettings)  # --tile: sliced inference (run/tiles.py)
     classes: list[str] | None = None  # keep only these classes (names or ids; None: all)
+    norm: InputNorm | None = None  # --input-scale / --mean / --std (None: the model's metadata's, else none)
+
     # fsspec options for a dataset packed by reference from a URL. They may hold credentials: not
     # part of the run's identity, never written (see `recorded`), not shown in a repr.
     storage_options: dict | None = field(default=None, repr=False)
@@ -172,7 +174,7 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None, source: Mode
     model_file = model_for_run(cfg.model, cfg.precision, cfg.dataset, cfg.calib_images, cfg.imgsz,
                                cfg.cache_dir, selection.device,
                                feed=partial(decoded_batches, storage_options=cfg.storage_options),
-                               source_sha256=source.sha256 if source else None)
+                               source_sha256=source.sha256 if source else None, norm=cfg.norm)
     if cfg.nms_in_model:
         if cfg.layout not in (None, "yolov8"):
             raise LayoutError(f"--nms-in-model supports the yolov8 layout only, not --layout {cfg.layout}: "
@@ -183,10 +185,12 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None, source: Mode
     else:  # a file prepared from it (fp16 / int8 / NMS), hashed as it was made
         model = model_info(model_file.path, cfg.names, model_file.sha256)
     layout = start_layout(cfg, model)  # None: told by the shapes of the first batch
+    norm = model_norm(cfg.norm, model)
     identity = {"model_sha256": model.sha256, "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det,
                 "imgsz": cfg.imgsz, "precision": cfg.precision, "names": model.names,
                 "dataset_id": dataset_id(cfg.dataset), "tiles": cfg.tiles.identity(),
                 **({"layout": cfg.layout} if cfg.layout else {}),
+                **({} if norm.is_default else {"input_norm": norm.as_dict()}),
                 **({"classes": kept} if (kept := class_ids(cfg.classes, model.names)) else {})}
     run_id = uuid.uuid4().hex[:12]
     metadata = {"bulkdet.run_id": run_id, "bulkdet.version": __version__, "model_sha256": model.sha256,
@@ -195,7 +199,8 @@ def resolve_job(cfg: RunConfig, selection: Selection | None = None, source: Mode
                 "config": cfg.recorded(),
                 "model": {"path": str(cfg.model), "sha256": model.sha256, "names": model.names,
                           "input_hw": model_input_hw(cfg.imgsz, model.stride, model.fixed_shape),
-                          "input_dtype": np.dtype(model.input_dtype).name, "prepared": model_file.as_dict(),
+                          "input_dtype": np.dtype(model.input_dtype).name, "input_norm": norm.as_dict(),
+                          "prepared": model_file.as_dict(),
                           "layout": layout, "outputs": [[name, list(dims)] for name, dims in model.outputs]},
                 "device_selection": asdict(selection), "environment": environment()}
     return RunJob(cfg, selection, model_file, model, run_id, identity, metadata, run_json)
@@ -304,7 +309,8 @@ class ShardProcessor:
             raise model_load_error(cfg.model, backend, exc, cfg.precision) from exc
         self.decoder = Decoder(device, self.max_batch, dali_threads, out_dtype=self.engine.input_dtype,
                                hw_decoder_load=cfg.hw_decoder_load,
-                               decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET)
+                               decode_budget=cfg.decode_budget or DEFAULT_DECODE_BUDGET,
+                               norm=model_norm(cfg.norm, model))
         # Its shards, or the source (packed by reference).
         self.reader = open_dataset_reader(cfg.dataset, storage_options=cfg.storage_options)
         # A fixed-batch model gets batches of exactly model.batch (padded); a batch that runs out of
