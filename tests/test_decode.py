@@ -122,7 +122,7 @@ def test_the_full_pass_of_an_image_over_the_decode_budget_is_not_kept():
 
 def test_tiles_scaled_into_the_input_go_through_the_resize(tmp_path):
     """--tile 512 at a 256 input: each tile is halved (bilinear at exactly 1/2: the mean of each
-    2 x 2 block); the batches of tiles that keep their size skip the resize (the test above)."""
+    2 x 2 block); tiles that keep their size are letterboxed in numpy (the tests above)."""
     import pyarrow as pa
 
     from bulkdet.run.plan import plan
@@ -142,3 +142,36 @@ def test_tiles_scaled_into_the_input_go_through_the_resize(tmp_path):
             window = upright[y:y + 512, x:x + 512]
             halved = window.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3)).transpose(2, 0, 1)
             np.testing.assert_allclose(out.tensor[i], halved, atol=2e-3)
+
+
+def test_an_image_over_the_decode_budget_is_decoded_in_bands_as_tall_as_the_budget(tmp_path):
+    """2000 x 1000 over a budget of 600 rows, tiles of 256 every 192 rows, 4 tiles a batch: each
+    band starts at the first batch not inside the kept one and is 600 rows tall, decoded once
+    and kept for the batches inside it (a JPEG's region decode reads everything before the
+    region, so fewer, taller bands cost less than one a batch's tile rows)."""
+    import pyarrow as pa
+
+    from bulkdet.run.plan import plan
+    from bulkdet.run.tiles import TileSettings, expand
+    from bulkdet.synthetic import Rect, draw_upright, write_image
+
+    rects = [Rect(0, 900, 590, 960, 660)]
+    data = write_image(tmp_path / "a.png", 2000, 1000, rects, fmt="png", seed=3).read_bytes()
+    upright = draw_upright(2000, 1000, rects, seed=3)
+    budget = 2000 * 600
+    rows = pa.table({"image_id": [0], "shard": [0], "width": [2000], "height": [1000], "path": ["a"], "key": [b"a"]})
+    decoder = Decoder("cpu", max_batch=4, num_threads=1, decode_budget=budget)
+    decoded = []
+    real = decoder._tiles._decode_regions
+    decoder._tiles._decode_regions = lambda enc, images, *a: (decoded.extend(w for _, _, w in images),
+                                                               real(enc, images, *a))
+    tiles = 0
+    for batch in plan(expand(rows, TileSettings(256, overlap=0.25, full=False)), 256, 4, decode_budget=budget):
+        out = decoder.decode(batch, [data] * len(batch))
+        for i in range(len(batch)):
+            x, y = int(batch.tiles.x[i]), int(batch.tiles.y[i])
+            np.testing.assert_allclose(out.tensor[i], upright[y:y + 256, x:x + 256].transpose(2, 0, 1) / 255.0,
+                                       atol=1e-6)
+            tiles += 1
+    assert tiles == 11 * 5
+    assert decoded == [(0, 0, 2000, 600), (0, 192, 2000, 792), (0, 384, 2000, 984), (0, 744, 2000, 1000)]

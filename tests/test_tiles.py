@@ -234,6 +234,29 @@ def test_the_cpu_fallback_counts_images_not_tiles(analytic_model, cli, tmp_path)
         [(0, 700, 300, 720, 320)]
 
 
+def test_an_image_whose_tiles_span_batches_is_read_once(analytic_model, cli, tmp_path, monkeypatch):
+    """The read stage keeps the last image's bytes for the next batch, where its tiles continue:
+    a 100-megapixel JPEG is not copied out of its shard again for every batch of two tiles."""
+    from bulkdet.ingest.pack import pack
+    from bulkdet.store.readers import ShardBytes
+
+    (tmp_path / "src").mkdir()
+    write_image(tmp_path / "src" / "a.jpg", 1900, 1300, [Rect(0, 700, 300, 720, 320)])
+    write_image(tmp_path / "src" / "b.jpg", 1500, 700, [Rect(1, 100, 100, 120, 120)])
+    pack(tmp_path / "src", tmp_path / "ds", quiet=True)
+    asked: list[bytes] = []
+    real = ShardBytes.read
+    monkeypatch.setattr(ShardBytes, "read", lambda self, shard, ids, keys: (asked.extend(keys),
+                                                                             real(self, shard, ids, keys))[1])
+    budget = 2 * 640 * 640  # two tiles a batch: each image's tiles span several batches
+    r = cli("run", tmp_path / "ds", "--model", analytic_model, "--out", tmp_path / "run", *TILE, "--no-tile-full",
+            "--pixel-budget", budget, "-q")
+    assert r.exit_code == 0, r.output
+    assert len(pq.read_table(tmp_path / "run" / "metrics.parquet")) > 4
+    assert sorted(asked) == sorted(set(asked)) and len(asked) == 2  # each image read once
+    assert {(d["class_id"], d["x1"], d["y1"]) for d in _detections(tmp_path / "run")} == {(0, 700, 300), (1, 100, 100)}
+
+
 def test_tile_options_are_checked_when_parsed(analytic_model, cli, tmp_path):
     (tmp_path / "ds").mkdir()
     for bad in (("--tile", 16), ("--tile", -1), ("--tile", 640, "--tile-overlap", 0.95),

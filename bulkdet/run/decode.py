@@ -255,15 +255,17 @@ class TileDecoder:
 
     def _window(self, tiles: tuple, width: int, height: int) -> tuple:
         """What to decode of an image for the tiles of a batch (`tiles`: the box around them).
-        CPU, kept for the next batches: the whole image, else the band of its tile rows across
-        the image's width (each band decoded once), when within the decode budget."""
+        CPU, kept for the next batches: the whole image, else a band across the image's width
+        from the batch's first tile row, as tall as the decode budget allows (a JPEG's region
+        decode still reads the data before the region: few tall bands cost far less than one
+        a tile row), when its tiles' rows fit in the budget."""
         if self.owner.device != "cpu":
             return tiles
         budget = self.owner.decode_budget
         if width * height <= budget:
             return (0, 0, width, height)
         if width * (tiles[3] - tiles[1]) <= budget:
-            return (0, tiles[1], width, tiles[3])
+            return (0, tiles[1], width, min(height, tiles[1] + budget // width))
         return tiles
 
     def decode(self, batch: Batch, encoded: list[bytes]) -> DecodedBatch:

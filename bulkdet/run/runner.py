@@ -313,6 +313,7 @@ class ShardProcessor:
                                norm=model_norm(cfg.norm, model))
         # Its shards, or the source (packed by reference).
         self.reader = open_dataset_reader(cfg.dataset, storage_options=cfg.storage_options)
+        self._last_read: tuple | None = None  # (shard, key, bytes) of the last image a batch read
         # A fixed-batch model gets batches of exactly model.batch (padded); a batch that runs out of
         # memory is halved (and the halves padded again).
         self.infer = HalvingInfer(fixed_batch(self.engine.infer, model.batch))
@@ -331,12 +332,20 @@ class ShardProcessor:
 
     def read(self, batch: Batch) -> dict[bytes, bytes | Unreadable]:
         """The bytes of the batch's images by key, each image read once: the tiles of an image
-        share its bytes (one copy, not one a tile)."""
+        share its bytes (one copy, not one a tile), and the last image a batch read is kept for
+        the next (its tiles continue there: a 100-megapixel JPEG is not re-read each batch)."""
         first: dict[bytes, int] = {}
         for i, key in enumerate(batch.keys):
             first.setdefault(key, i)
-        rows = list(first.values())
-        return dict(zip(first, self.reader.read(batch.shard, batch.image_ids[rows], [batch.keys[i] for i in rows])))
+        got = {}
+        if self._last_read and self._last_read[0] == batch.shard and self._last_read[1] in first:
+            got[self._last_read[1]] = self._last_read[2]
+        if rows := [i for key, i in first.items() if key not in got]:
+            keys = [batch.keys[i] for i in rows]
+            got.update(zip(keys, self.reader.read(batch.shard, batch.image_ids[rows], keys)))
+        last = batch.keys[-1]
+        self._last_read = (batch.shard, last, got[last])
+        return {key: got[key] for key in first}
 
     def layout_for(self, outputs: list[np.ndarray]) -> str:
         """The run's layout; the first batch's outputs tell it where declared shapes could not."""
