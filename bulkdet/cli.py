@@ -192,7 +192,8 @@ _STORAGE_OPTIONS_HELP = ("fsspec options for an object store, e.g. '{\"endpoint_
 
 
 def _storage_options(text: str | None) -> dict | None:
-    """--storage-options (pack, run): a JSON object of fsspec options, or a bad option value (exit 2)."""
+    """--storage-options (pack, and the readers of a dataset): a JSON object of fsspec options, or a bad
+    option value (exit 2)."""
     if text is None:
         return None
     try:
@@ -201,6 +202,24 @@ def _storage_options(text: str | None) -> dict | None:
         raise typer.BadParameter(f"not JSON: {exc}", param_hint="'--storage-options'") from None
     if not isinstance(options, dict):
         raise typer.BadParameter("give a JSON object, e.g. '{\"anon\": true}'", param_hint="'--storage-options'")
+    return options
+
+
+# --storage-options of the commands that read a dataset's bytes (run, crops, report --html).
+_DATASET_STORAGE_OPTIONS = typer.Option(None, "--storage-options", metavar="JSON", help="A dataset packed "
+                                        "--reference from a URL: " + _STORAGE_OPTIONS_HELP + " Not part of "
+                                        "the run's settings; never written.")
+
+
+def _dataset_storage_options(text: str | None, dataset_dir: Path | None) -> dict | None:
+    """_DATASET_STORAGE_OPTIONS parsed, and refused (exit 2) for a dataset whose bytes are read from
+    no object store. A dataset that is not there (None, or moved) is not judged: the command says so."""
+    from bulkdet.store.readers import reads_url
+
+    options = _storage_options(text)
+    if options is not None and dataset_dir is not None and Path(dataset_dir).exists() and not reads_url(dataset_dir):
+        raise typer.BadParameter(f"{dataset_dir} reads no object store (it was not packed --reference from a URL): "
+                                 "run without it", param_hint="'--storage-options'")
     return options
 
 
@@ -346,9 +365,7 @@ def run(
     commit_every: int = typer.Option(4096, min=1, help="Commit a Parquet part every N images: what a kill can cost."),
     retry_failed: bool = typer.Option(False, help="Process again the images whose status is not ok."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
-    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON", help="A dataset "
-                                                  "packed --reference from a URL: " + _STORAGE_OPTIONS_HELP
-                                                  + " Not part of the run's settings; never written."),
+    storage_options: Optional[str] = _DATASET_STORAGE_OPTIONS,
     use_ray: bool = typer.Option(False, "--ray", help="Spread the shards over a Ray cluster (needs bulkdet[ray])."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, or a local one)."),
     workers: Optional[int] = typer.Option(None, min=1, max=MAX_THREADS,
@@ -390,16 +407,12 @@ def run(
     from bulkdet.store.run_folder import RunFolderRefused
     from bulkdet.model.layouts import LayoutError
     from bulkdet.model.info import UnknownClass
-    from bulkdet.store.readers import reads_url
 
     if 0 < tile < TILE_MIN:
         raise typer.BadParameter(f"{tile} is below {TILE_MIN} pixels (0 turns tiling off)", param_hint="'--tile'")
     if not use_ray and (ray_address or workers):
         raise typer.BadParameter("needs --ray", param_hint="'--ray-address' / '--workers'")
-    options = _storage_options(storage_options)
-    if options is not None and not reads_url(dataset_dir):
-        raise typer.BadParameter(f"{dataset_dir} reads no object store (it was not packed --reference from a URL): "
-                                 "run without it", param_hint="'--storage-options'")
+    options = _dataset_storage_options(storage_options, dataset_dir)
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
     norm = _input_norm(input_scale, mean, std)
     _setup_logging(quiet)
@@ -497,6 +510,7 @@ def report(
     html: Optional[Path] = typer.Option(None, "--html", dir_okay=False,
                                         help="Also write one self-contained HTML page with plots and samples."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or the comparison) as JSON."),
+    storage_options: Optional[str] = _DATASET_STORAGE_OPTIONS,
 ):
     """Summarise a run: throughput, where the time went, padding, failures, detections per class."""
     from bulkdet.results.report import compare, print_compare, print_report, summarize
@@ -507,7 +521,16 @@ def report(
     if html is not None and len(run_dirs) != 1:
         raise typer.BadParameter("--html takes one run folder", param_hint="'--html'")
     _check_writable(html, "'--html'")
+    if storage_options is not None and html is None:
+        raise typer.BadParameter("only --html reads the dataset (its sample images): give --html too, or leave it "
+                                 "out", param_hint="'--storage-options'")
     try:
+        options = None
+        if storage_options is not None:
+            from bulkdet.results.html_report import dataset_of
+            from bulkdet.store.parts import read_run_json
+
+            options = _dataset_storage_options(storage_options, dataset_of(read_run_json(run_dirs[0])))
         if as_json:
             s = summarize(run_dirs[0]) if len(run_dirs) == 1 else compare(*map(summarize, run_dirs))
             typer.echo(json.dumps(s, indent=2, default=str))
@@ -518,7 +541,7 @@ def report(
         if html is not None:
             from bulkdet.results.html_report import write_html
 
-            typer.echo(f"HTML report: {write_html(run_dirs[0], html)}", err=as_json)
+            typer.echo(f"HTML report: {write_html(run_dirs[0], html, options)}", err=as_json)
     except (OSError, BrokenPart) as exc:  # no run.json, a damaged part, a disk error while writing --html
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR)
@@ -595,15 +618,18 @@ def crops_cmd(
     device: Device = typer.Option(Device.AUTO, help="Where DALI decodes and cuts (auto: the GPU when DALI "
                                   "can decode there)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines (for scripts)."),
+    storage_options: Optional[str] = _DATASET_STORAGE_OPTIONS,
 ):
     """Cut each detection out of its image into OUT/CLASS/*.jpg, indexed by OUT/crops.parquet."""
     from bulkdet.results.crops import crops
-    from bulkdet.results.run_info import UsageError
+    from bulkdet.results.run_info import RunInfo, UsageError
 
     _setup_logging(quiet)
     try:
+        options = None if storage_options is None else _dataset_storage_options(
+            storage_options, RunInfo.load(run_dir).dataset(dataset))
         s = crops(run_dir, out, conf, classes, pad, min_size, square, dataset, overwrite, quiet,
-                  device=device.value)
+                  device=device.value, storage_options=options)
     except UsageError as exc:
         _fail(exc, EXIT_USAGE)
     except (OSError, RuntimeError) as exc:

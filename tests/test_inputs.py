@@ -197,12 +197,12 @@ def test_reference_repack_sees_changes(images, tmp_path):
 
 # --- object stores: a real S3-compatible server on 127.0.0.1 ----------------------------------
 
-def _upload(images: Path, endpoint: str, bucket: str) -> None:
+def _upload(images: Path, endpoint: str, bucket: str, only: list[str] | None = None) -> None:
     import s3fs
 
     fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
     fs.mkdir(bucket)
-    for p in files(images):
+    for p in only or files(images):
         fs.pipe(f"{bucket}/camera/{p}", (images / p).read_bytes())
 
 
@@ -267,6 +267,17 @@ def test_crops_and_html_report_read_a_reference_dataset(images, analytic_model, 
     assert r.exit_code == 0, r.output
     samples = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', (tmp_path / "report.html").read_text())
     assert len(samples) == 6 and all(base64.b64decode(s)[:2] == b"\xff\xd8" for s in samples)
+    # --storage-options is for a dataset read from an object store only (refused as by `run`).
+    for args, out in ((("crops", tmp_path / "run", "--out", tmp_path / "c2"), tmp_path / "c2"),
+                      (("report", tmp_path / "run", "--html", tmp_path / "r2.html"), tmp_path / "r2.html")):
+        r = cli(*args, "--storage-options", '{"anon": true}')
+        assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+        assert "reads no object store" in r.output and not out.exists()
+        r = cli(*args, "--storage-options", "[1]")
+        assert r.exit_code == 2 and r.output.startswith("error: invalid value for '--storage-options': give a JSON "
+                                                        "object"), r.output
+    r = cli("report", tmp_path / "run", "--storage-options", '{"anon": true}')  # no --html: nothing reads the dataset
+    assert r.exit_code == 2 and "give --html too" in r.output and r.output.count("\n") == 1, r.output
 
 
 def test_run_storage_options_give_the_credentials_and_are_written_nowhere(images, copied_run, analytic_model,
@@ -307,6 +318,54 @@ def test_run_storage_options_give_the_credentials_and_are_written_nowhere(images
         assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
         assert result.output.startswith(f"error: invalid value for '--storage-options': {says}"), result.output
         assert not (tmp_path / "r2").exists()
+
+
+def test_crops_and_html_report_take_the_credentials_from_storage_options(images, analytic_model, tmp_path, cli, s3_env,
+                                                                         request, monkeypatch):
+    """crops and report --html read a dataset packed by reference from S3 with credentials given
+    only by their --storage-options; without them the images can't be read, as any unreadable image."""
+    import re
+
+    import pyarrow.parquet as pq
+    import s3fs
+
+    small = ["img_000.jpg", "img_001.jpg", "img_002.jpg", "img_007.png", "set_a/img_008.jpg",
+             "set_b/deeper/img_009.jpg"]  # 0.9 MB
+    _upload(images, s3_env, "thumbs", small)
+    assert cli("pack", "s3://thumbs/camera", "--out", tmp_path / "ref", "--reference", "-q").exit_code == 0
+    run_dataset(tmp_path / "ref", analytic_model, tmp_path / "run")
+    detections = len(read_detections(tmp_path / "run"))
+    assert detections > 0 and len(read_images(tmp_path / "run")) == len(small)
+    key, secret = request.getfixturevalue("s3_user")  # the server checks credentials from here on
+
+    def unreadable(tag: str) -> None:
+        r = cli("crops", tmp_path / "run", "--out", tmp_path / f"crops-{tag}", "-q")
+        assert r.exit_code == 3 and f"{len(small)} image(s) could not be read" in r.output, r.output
+        assert not list((tmp_path / f"crops-{tag}").rglob("*.jpg"))
+        r = cli("report", tmp_path / "run", "--html", tmp_path / f"{tag}.html")
+        assert r.exit_code == 0, r.output
+        page = (tmp_path / f"{tag}.html").read_text()
+        assert "data:image/jpeg" not in page and page.count("not read (read_error: ") == len(small)
+
+    unreadable("wrong")  # the environment's credentials are no user of the server
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()  # not the file system made with the environment's keys
+    unreadable("none")
+
+    options = json.dumps({"key": key, "secret": secret})
+    r = cli("crops", tmp_path / "run", "--out", tmp_path / "crops", "-q", "--storage-options", options)
+    assert r.exit_code == 0, r.output
+    index = pq.read_table(tmp_path / "crops" / "crops.parquet").to_pylist()
+    assert len(index) == detections and all((tmp_path / "crops" / c["crop_path"]).stat().st_size > 0 for c in index)
+    r = cli("report", tmp_path / "run", "--html", tmp_path / "report.html", "--storage-options", options)
+    assert r.exit_code == 0, r.output
+    assert len(re.findall(r'src="data:image/jpeg;base64,', (tmp_path / "report.html").read_text())) == len(small)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if secret.encode() in p.read_bytes() or key.encode() in p.read_bytes()]
 
 
 def test_run_storage_options_for_a_dataset_read_from_no_object_store_are_refused(images, analytic_model, tmp_path,

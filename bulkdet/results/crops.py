@@ -128,9 +128,11 @@ def _check_out(out: Path, settings: CropSettings, overwrite: bool) -> bool:
 def crops(run_dir: Path, out: Path, conf: float | None = None, classes: list[str] | None = None,
           pad: float = 0.0, min_size: int = 0, square: bool = False, dataset: Path | None = None,
           overwrite: bool = False, quiet: bool = False, threads: int | None = None,
-          device: str = "auto") -> CropsSummary:
+          device: str = "auto", storage_options: dict | None = None) -> CropsSummary:
     """`device`: where DALI decodes and cuts (auto: the GPU when DALI can decode there);
-    `threads`: DALI's threads and the JPEG encoders' (default: the cores, at most 8)."""
+    `threads`: DALI's threads and the JPEG encoders' (default: the cores, at most 8);
+    `storage_options`: fsspec options (credentials) for a dataset packed by reference from a URL,
+    never written (crops.json keeps the settings of the crops only)."""
     info = RunInfo.load(run_dir)
     if pad < 0 or min_size < 0:
         raise UsageError("--pad and --min-size must be >= 0")
@@ -138,7 +140,7 @@ def crops(run_dir: Path, out: Path, conf: float | None = None, classes: list[str
     settings = CropSettings(info.run.get("run_id"), conf, info.class_ids(classes), pad, min_size, square)
     out = Path(out)
     keep_existing = _check_out(out, settings, overwrite)
-    dataset = Path(dataset or info.run.get("dataset") or info.config.get("dataset", ""))
+    dataset = info.dataset(dataset)
     manifest = read_manifest(dataset).select(["image_id", "path", "shard", "key"])
     m_ids = manifest.column("image_id").to_numpy()
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +148,7 @@ def crops(run_dir: Path, out: Path, conf: float | None = None, classes: list[str
     summary = CropsSummary(out)
     threads = threads or min(8, os.cpu_count() or 1)
     decoder = CropDecoder(device, DECODE_CHUNK, threads)
-    reader = open_dataset_reader(dataset)  # its shards, or the source (packed by reference)
+    reader = open_dataset_reader(dataset, storage_options=storage_options)  # its shards, or the source (by reference)
     progress = Progress(count_images(run_dir), desc="crops", unit="img", quiet=quiet)
     try:
         with open_atomic(out / INDEX_FILE, "wb") as f, pq.ParquetWriter(f, CROPS_SCHEMA, compression="zstd") as index, \

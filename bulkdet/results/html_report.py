@@ -191,18 +191,18 @@ def sample_boxes(run_dir: Path, image_ids: list[int]) -> dict[int, list[dict]]:
     return boxes
 
 
-def encoded_bytes(dataset: Path, image_ids: list[int]) -> dict[int, bytes]:
-    """The original file bytes of these images, from the dataset (its shards, or the source when
-    packed by reference); an image whose bytes can't be read (or changed) is left out."""
+def encoded_bytes(dataset: Path, image_ids: list[int], storage_options: dict | None = None) -> dict:
+    """image id -> the original file bytes, from the dataset (its shards, or the source when packed
+    by reference, read with `storage_options`), or the Unreadable saying why they can't be read
+    (or changed); an image the manifest lacks is left out."""
     from bulkdet.store.manifest import read_manifest
-    from bulkdet.store.readers import Unreadable, open_dataset_reader
+    from bulkdet.store.readers import open_dataset_reader
 
     manifest = read_manifest(dataset).select(["image_id", "shard", "key"])
     rows = manifest.filter(pc.is_in(manifest.column("image_id"), pa.array(image_ids, pa.int64()))).to_pylist()
-    reader = open_dataset_reader(Path(dataset))
+    reader = open_dataset_reader(Path(dataset), storage_options=storage_options)
     try:
-        found = {r["image_id"]: reader.read(r["shard"], [r["image_id"]], [r["key"]])[0] for r in rows if r["shard"] >= 0}
-        return {i: data for i, data in found.items() if not isinstance(data, Unreadable)}
+        return {r["image_id"]: reader.read(r["shard"], [r["image_id"]], [r["key"]])[0] for r in rows if r["shard"] >= 0}
     finally:
         reader.close()
 
@@ -238,7 +238,7 @@ def dataset_of(run: dict) -> Path | None:
     return None
 
 
-def samples_html(run_dir: Path, run: dict) -> str:
+def samples_html(run_dir: Path, run: dict, storage_options: dict | None = None) -> str:
     picks = pick_samples(run_dir)
     if not picks:
         return "<p>No image with detections to show.</p>"
@@ -247,15 +247,17 @@ def samples_html(run_dir: Path, run: dict) -> str:
         where = run.get("dataset") or run.get("config", {}).get("dataset")
         return f"<p>Samples not shown: the dataset {html.escape(str(where))} is not there any more.</p>"
     ids = [p["image_id"] for p in picks]
-    data = encoded_bytes(dataset, ids)
+    data = encoded_bytes(dataset, ids, storage_options)
     boxes = sample_boxes(run_dir, ids)
     cells = []
     for p in picks:
         caption = f"{html.escape(p['path'])} ({p['width']}×{p['height']}, {p['n_det']} detections)"
-        if data.get(p["image_id"]) is None:
-            cells.append(f"<figure><figcaption>{caption}: bytes not found in the shards</figcaption></figure>")
+        got = data.get(p["image_id"])
+        if not isinstance(got, bytes):  # not in the manifest, or an Unreadable
+            why = "bytes not found in the dataset" if got is None else f"not read ({got.status}: {got.error})"
+            cells.append(f"<figure><figcaption>{caption}: {html.escape(why)}</figcaption></figure>")
             continue
-        uri = draw_sample(data[p["image_id"]], boxes[p["image_id"]])
+        uri = draw_sample(got, boxes[p["image_id"]])
         cells.append(f'<figure><img class="sample" src="{uri}" alt="{html.escape(p["path"])}">'
                      f"<figcaption>{caption}</figcaption></figure>")
     return '<div class="samples">' + "".join(cells) + "</div>"
@@ -282,7 +284,9 @@ def _failures_html(s: dict) -> str:
     return "<table><tr><th>status</th><th>images</th><th>first paths</th></tr>" + "".join(rows) + "</table>"
 
 
-def render_html(run_dir: Path) -> str:
+def render_html(run_dir: Path, storage_options: dict | None = None) -> str:
+    """The page; `storage_options`: for the sample images of a dataset packed by reference from a
+    URL (credentials: never written into the page)."""
     run_dir = Path(run_dir)
     run = read_run_json(run_dir)
     s = summarize(run_dir)
@@ -322,7 +326,7 @@ def render_html(run_dir: Path) -> str:
 <h2>Plots</h2>
 <div class="plots">{figures or '<p>No batch was processed in this run.</p>'}</div>
 <h2>Samples</h2>
-{samples_html(run_dir, run)}
+{samples_html(run_dir, run, storage_options)}
 <h2>Failures</h2>
 {_failures_html(s)}
 <h2>Configuration</h2>
@@ -331,6 +335,6 @@ def render_html(run_dir: Path) -> str:
 """
 
 
-def write_html(run_dir: Path, path: Path) -> Path:
+def write_html(run_dir: Path, path: Path, storage_options: dict | None = None) -> Path:
     """The page, written atomically: a failure never leaves half a page at `path`."""
-    return write_text_atomic(render_html(run_dir), path, per_process=True)
+    return write_text_atomic(render_html(run_dir, storage_options), path, per_process=True)

@@ -24,6 +24,10 @@ class RunInfo:
     def config(self) -> dict:
         return self.run.get("config", {})
 
+    def dataset(self, given: Path | None = None) -> Path:
+        """The dataset the run read: `given` (it moved), else the one run.json names."""
+        return Path(given or self.run.get("dataset") or self.config.get("dataset", ""))
+
     @classmethod
     def load(cls, run_dir: Path) -> "RunInfo":
         run = read_run_json(run_dir)
