@@ -1,5 +1,6 @@
 """DALI letterbox pipeline: encoded bytes -> upright, resized, padded, normalised CHW tensor (in the
-model's channel order, RGB or BGR, straight from the decoder); and the crop pipeline of `bulkdet crops`: encoded bytes -> upright pixel regions.
+model's channel order, RGB or BGR, straight from the decoder); and the crop pipeline of `bulkdet
+crops`: encoded bytes -> upright pixel regions (RGB).
 
 One graph for both devices: `cpu` decodes on the host, `gpu` uses DALI's "mixed" decoder
 (nvJPEG / hardware decoder) and keeps everything after it on the GPU.
