@@ -1,5 +1,6 @@
 """The fixed choices of the command line, shared by the CLI (its --help and its checks) and the code
-that acts on them: one home for the names `--device`, `--backend`, `--precision`, `--target`, `--layout` take."""
+that acts on them: one home for the names `--device`, `--backend`, `--precision`, `--target`, `--layout`,
+`--channels` take."""
 
 from __future__ import annotations
 
@@ -58,6 +59,13 @@ class InputScale(Choice):
 
     ONE = "1"  # 0..1
     BYTE = "255"  # 0..255 (YOLOX, mmdetection-style configs)
+
+
+class Channels(Choice):
+    """The channel order of the model's image input (`run --channels`)."""
+
+    RGB = "rgb"
+    BGR = "bgr"  # OpenCV-trained models (YOLOX since 0.2, mmdetection with to_rgb=False)
 
 
 class Int8Target(Choice):

@@ -20,8 +20,8 @@ import typer
 from typer.core import TyperGroup
 
 from bulkdet.choices import (IMGSZ_MAX, IMGSZ_MIN, MAX_BATCH, MAX_DET, MAX_THREADS, SHARD_MB_MAX, SHARD_MB_MIN,
-                             TILE_MAX, TILE_MIN, TILE_OVERLAP_MAX, Backend, Device, InputScale, Int8Target, Layout,
-                             Precision, TileMatch, TileMerge)
+                             TILE_MAX, TILE_MIN, TILE_OVERLAP_MAX, Backend, Channels, Device, InputScale, Int8Target,
+                             Layout, Precision, TileMatch, TileMerge)
 from bulkdet.ingest.imageinfo import DEFAULT_MAX_PIXELS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_INPUTS = 0, 1, 2, 3
@@ -240,25 +240,30 @@ def _check_writable(path: Optional[Path], param_hint: str, folder: bool = False)
 _INPUT_SCALE = typer.Option(None, "--input-scale", help="The model's pixel range before --mean/--std: 1 (0..1) "
                             "or 255 (0..255). Default: the model's metadata, else 1. See docs/models.md.")
 _MEAN = typer.Option(None, "--mean", metavar="R,G,B", help="Subtracted from each channel, in --input-scale units "
-                     "(e.g. 0.485,0.456,0.406), or 'imagenet'. Default: the model's metadata, else 0.")
+                     "and the model's channel order (e.g. 0.485,0.456,0.406), or 'imagenet'. Default: the "
+                     "model's metadata, else 0.")
 _STD = typer.Option(None, "--std", metavar="R,G,B", help="Divides each channel after --mean, in --input-scale units "
-                    "(e.g. 0.229,0.224,0.225), or 'imagenet'. Default: the model's metadata, else 1.")
+                    "and the model's channel order (e.g. 0.229,0.224,0.225), or 'imagenet'. Default: the model's "
+                    "metadata, else 1.")
+_CHANNELS = typer.Option(None, "--channels", help="The model input's channel order: rgb, or bgr (OpenCV-trained "
+                         "models, YOLOX). Default: the model's metadata, else rgb.")
 
 
-def _input_norm(scale: Optional[InputScale], mean: Optional[str], std: Optional[str]):
+def _input_norm(scale: Optional[InputScale], mean: Optional[str], std: Optional[str],
+                channels: Optional[Channels] = None):
     """The normalisation the command line gives (None: none of its options, the model's metadata
     decides); a bad value is a usage error naming its option."""
-    if scale is None and mean is None and std is None:
+    if scale is None and mean is None and std is None and channels is None:
         return None
     from bulkdet.model.info import parse_norm
 
     scale = scale.value if scale else None
     for option, given in (("mean", mean), ("std", std)):
         try:
-            parse_norm(scale, **{option: given})
+            parse_norm(scale, channels=channels, **{option: given})
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint=f"'--{option}'") from None
-    return parse_norm(scale, mean, std)
+    return parse_norm(scale, mean, std, channels)
 
 
 @app.command()
@@ -398,6 +403,7 @@ def run(
     input_scale: Optional[InputScale] = _INPUT_SCALE,
     mean: Optional[str] = _MEAN,
     std: Optional[str] = _STD,
+    channels: Optional[Channels] = _CHANNELS,
 ):
     """Detect objects in every image of DATASET_DIR; write Parquet to --out."""
     from bulkdet.run.model_errors import ModelRunError
@@ -414,7 +420,7 @@ def run(
         raise typer.BadParameter("needs --ray", param_hint="'--ray-address' / '--workers'")
     options = _dataset_storage_options(storage_options, dataset_dir)
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
-    norm = _input_norm(input_scale, mean, std)
+    norm = _input_norm(input_scale, mean, std, channels)
     _setup_logging(quiet)
     checked = _check_model(model, names, imgsz, layout=layout.value if layout else None, classes_kept=classes)
     cfg = RunConfig(dataset_dir, model, out, device=device.value, backend=backend.value, imgsz=imgsz,
@@ -477,6 +483,7 @@ def prepare(
     input_scale: Optional[InputScale] = _INPUT_SCALE,
     mean: Optional[str] = _MEAN,
     std: Optional[str] = _STD,
+    channels: Optional[Channels] = _CHANNELS,
 ):
     """Make the FP16 or INT8 (Q/DQ, calibrated) ONNX of MODEL; cached, reused by `run --precision`."""
     from bulkdet.model.precision import Calibration, export_prepared, prepare_model
@@ -488,7 +495,7 @@ def prepare(
         raise typer.BadParameter("int8 needs calibration images: --calib DATASET_DIR", param_hint="'--calib'")
     _check_writable(out, "'--out'")
     _check_writable(cache_dir, "'--cache-dir'", folder=True)
-    norm = _input_norm(input_scale, mean, std)
+    norm = _input_norm(input_scale, mean, std, channels)
     _setup_logging(quiet)
     checked = _check_model(model, None, imgsz if precision is Precision.INT8 else None, param_hint="'MODEL'")
     calibration = (Calibration(calib, calib_images, seed, imgsz, target.value, norm=norm, feed=decoded_batches)

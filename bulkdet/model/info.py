@@ -14,7 +14,7 @@ import onnx
 import yaml
 from google.protobuf.message import DecodeError
 
-from bulkdet.choices import InputScale
+from bulkdet.choices import Channels, InputScale
 from bulkdet.model.layouts import LayoutError, class_count, describe, detect
 
 DEFAULT_STRIDE = 32  # pixels per output cell, when the model's metadata does not say
@@ -42,12 +42,18 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 @dataclass(frozen=True)
 class InputNorm:
-    """What the model's image input holds, per RGB channel: x = pixel / 255 * scale (0..1 or
-    0..255), then (x - mean) / std, mean and std in the units of x (docs/models.md)."""
+    """What the model's image input holds, per channel in `channels` order (RGB or BGR): x = pixel
+    / 255 * scale (0..1 or 0..255), then (x - mean) / std, mean and std in the units of x and in
+    the model's channel order (docs/models.md)."""
 
     scale: int = 1
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channels: Channels = Channels.RGB
+
+    @property
+    def bgr(self) -> bool:
+        return self.channels is Channels.BGR
 
     @property
     def is_default(self) -> bool:
@@ -60,39 +66,47 @@ class InputNorm:
         return [m * k for m in self.mean], [s * k for s in self.std]
 
     def as_dict(self) -> dict:
-        return {"input_scale": self.scale, "mean": list(self.mean), "std": list(self.std)}
+        # The channel order only when BGR: the identity of runs made before it existed stays the same.
+        return {"input_scale": self.scale, "mean": list(self.mean), "std": list(self.std),
+                **({"channels": self.channels.value} if self.bgr else {})}
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, in 0..1 units (torchvision's; times 255 in mmdet's configs)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS = {"imagenet": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}}
-# The model's metadata keys that say its normalisation (the spelling of --input-scale, --mean, --std).
-NORM_KEYS = ("input_scale", "mean", "std")
+# The model's metadata keys that say its normalisation (the spelling of --input-scale, --mean, --std,
+# --channels).
+NORM_KEYS = ("input_scale", "mean", "std", "channels")
 
 
-def parse_norm(scale=None, mean: str | None = None, std: str | None = None) -> InputNorm:
+def parse_norm(scale=None, mean: str | None = None, std: str | None = None, channels=None) -> InputNorm:
     """The normalisation given as text ("1" | "255"; "R,G,B", one value for all three, a JSON
-    list, or "imagenet"), None for a default. ValueError naming the value and its range when
-    wrong: 3 finite values, mean within 0..scale, std within (0, scale]."""
+    list, or "imagenet"; "rgb" | "bgr"), None for a default. ValueError naming the value and its
+    range when wrong: 3 finite values, mean within 0..scale, std within (0, scale]."""
     text = str(scale if scale is not None else 1).strip()
     if text not in {m.value for m in InputScale}:
         raise ValueError(f"input scale {scale!r} is not 1 (a 0..1 input) or 255 (a 0..255 input)")
     scale = int(text)
-    return InputNorm(scale, _channels("mean", mean, scale, 0.0), _channels("std", std, scale, 1.0))
+    order = Channels.parse(str(channels or Channels.RGB).strip().lower(), "channels")
+    return InputNorm(scale, _per_channel("mean", mean, scale, 0.0, order),
+                     _per_channel("std", std, scale, 1.0, order), order)
 
 
-def _channels(what: str, text: str | None, scale: int, default: float) -> tuple[float, float, float]:
+def _per_channel(what: str, text: str | None, scale: int, default: float,
+                 order: Channels) -> tuple[float, float, float]:
     if text is None:
         return (default,) * 3
     text = str(text).strip()
-    if text.lower() in PRESETS:
-        return tuple(v * scale for v in PRESETS[text.lower()][what])
+    if text.lower() in PRESETS:  # a preset names the statistics: given in the model's channel order
+        rgb = PRESETS[text.lower()][what]
+        return tuple(v * scale for v in (rgb[::-1] if order is Channels.BGR else rgb))
     try:
         values = [float(v) for v in text.strip("[]()").replace(" ", ",").split(",") if v]
     except ValueError:
         values = []
     if len(values) not in (1, 3) or not all(map(math.isfinite, values)):
-        raise ValueError(f"{what} {text!r} is not 3 numbers R,G,B (or one for all, or {', '.join(PRESETS)})")
+        raise ValueError(f"{what} {text!r} is not 3 numbers, one per channel in the model's order "
+                         f"(or one for all, or {', '.join(PRESETS)})")
     values = values * 3 if len(values) == 1 else values
     low = min(values)
     if low < 0 or (what == "std" and low == 0) or max(values) > scale:

@@ -1,5 +1,6 @@
-"""DALI letterbox pipeline: encoded bytes -> upright, resized, padded, normalised CHW tensor;
-and the crop pipeline of `bulkdet crops`: encoded bytes -> upright pixel regions.
+"""DALI letterbox pipeline: encoded bytes -> upright, resized, padded, normalised CHW tensor (in the
+model's channel order, RGB or BGR, straight from the decoder); and the crop pipeline of `bulkdet
+crops`: encoded bytes -> upright pixel regions (RGB).
 
 One graph for both devices: `cpu` decodes on the host, `gpu` uses DALI's "mixed" decoder
 (nvJPEG / hardware decoder) and keeps everything after it on the GPU.
@@ -38,27 +39,34 @@ class DecodedBatch:
 def _letterbox_graph(decoder_device: str, out_dtype, norm: InputNorm, hw_decoder_load: float | None = None):
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
     # adjust_orientation (default on) applies EXIF orientation: output is upright.
-    images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
+    images = fn.decoders.image(encoded, device=decoder_device, output_type=_decoded_type(norm),
                                **_mixed_options(decoder_device, hw_decoder_load))
     return _letterbox(images, out_dtype, norm)
 
 
+def _decoded_type(norm: InputNorm):
+    """The decoders write the model's channel order themselves: BGR costs no pass of its own."""
+    return types.BGR if norm.bgr else types.RGB
+
+
 @pipeline_def
-def _region_graph(decoder_device: str, hw_decoder_load: float | None = None):
-    """Tiles, step 1: per image of a batch, the window bounding its tiles, decoded once. DALI
-    decodes by region (ROI, in upright pixels): a JPEG's decoder skips what lies outside, so a
-    100-megapixel image costs its window's pixels in memory, not its own."""
+def _region_graph(decoder_device: str, output_type, hw_decoder_load: float | None = None):
+    """Tiles, step 1: per image of a batch, the window bounding its tiles, decoded once (in the
+    model's channel order, `output_type`). DALI decodes by region (ROI, in upright pixels): a
+    JPEG's decoder skips what lies outside, so a 100-megapixel image costs its window's pixels in
+    memory, not its own."""
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
     start = fn.external_source(name="start", dtype=types.INT32, ndim=1)  # x0, y0
     shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)  # w, h
-    return fn.decoders.image_slice(encoded, start, shape, device=decoder_device, output_type=types.RGB,
+    return fn.decoders.image_slice(encoded, start, shape, device=decoder_device, output_type=output_type,
                                    normalized_anchor=False, normalized_shape=False, axis_names="WH",
                                    **_mixed_options(decoder_device, hw_decoder_load))
 
 
 @pipeline_def
 def _tile_graph(device: str, out_dtype, norm: InputNorm):
-    """Tiles, step 2: each tile cut from its image's decoded window, then letterboxed as an image."""
+    """Tiles, step 2: each tile cut from its image's decoded window (already in the model's channel
+    order), then letterboxed as an image."""
     # no_copy: a kept image is fed to every batch of its tiles; DALI reads it in place (the
     # decoder holds it until the run returns).
     regions = fn.external_source(name="regions", dtype=types.UINT8, ndim=3, layout="HWC", device=device,
@@ -87,7 +95,8 @@ def _letterbox(images, out_dtype, norm: InputNorm):
 
 
 def normalise(pixels: np.ndarray, norm: InputNorm) -> np.ndarray:
-    """8-bit RGB pixels [3, ...] as the model input, on the host (what `_letterbox` does in DALI)."""
+    """8-bit pixels [3, ...] in the model's channel order as the model input, on the host (what
+    `_letterbox` does in DALI)."""
     mean, std = norm.on_bytes()
     shape = (3,) + (1,) * (pixels.ndim - 1)
     # Cast into a new array straight from the (often transposed) uint8 view, then in place:
@@ -138,7 +147,7 @@ class Decoder:
                  out_dtype=np.float32, device_id: int = 0, hw_decoder_load: float | None = None,
                  decode_budget: int = DEFAULT_DECODE_BUDGET, norm: InputNorm = InputNorm()):
         self.device = device
-        self.norm = norm  # the model's input scale, mean and std
+        self.norm = norm  # the model's input scale, mean, std and channel order
         self.decode_budget = decode_budget  # tiles: an image up to this many pixels is decoded whole, once
         self.hw_decoder_load = hw_decoder_load
         self.max_batch = max_batch
@@ -247,7 +256,8 @@ class TileDecoder:
                       device_id=o.device_id if o.device == "gpu" else None,
                       prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
         self.regions_pipe = _region_graph(decoder_device="mixed" if o.device == "gpu" else "cpu",
-                                          hw_decoder_load=o.hw_decoder_load, **common)
+                                          output_type=_decoded_type(o.norm), hw_decoder_load=o.hw_decoder_load,
+                                          **common)
         self.tiles_pipe = _tile_graph(device=o.device, out_dtype=_DALI_DTYPES[np.dtype(o.out_dtype).type],
                                       norm=o.norm, **common)
         self.regions_pipe.build()
@@ -293,9 +303,9 @@ class TileDecoder:
         by_first = {first: (items, window) for first, items, window in images}
         for first in sorted(errors):  # what DALI rejects gets a second chance on the CPU decoder
             items, window = by_first[first]
-            try:
-                regions[first] = np.ascontiguousarray(np.asarray(pillow_upright(encoded[first]))[
-                    window[1]:window[3], window[0]:window[2]])
+            try:  # in the model's channel order, as DALI decodes the windows (the copy swaps them)
+                regions[first] = np.ascontiguousarray(_in_model_order(np.asarray(pillow_upright(encoded[first]))[
+                    window[1]:window[3], window[0]:window[2]], self.owner.norm))
             except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
                 errors[first] = f"dali: {errors[first]}; pillow: {_pillow_message(exc)}"[:500]
             else:
@@ -319,7 +329,7 @@ class TileDecoder:
         if owner.device == "cpu" and all(lb.new_w[i] == batch.width[i] and lb.new_h[i] == batch.height[i]
                                          for i in idx):
             # Every tile keeps its size (`--tile` = the input size): each is a view of its decoded
-            # window, placed and normalised in one numpy pass, ~20x cheaper on a CPU core than
+            # window (in the model's channel order already), placed and normalised in one numpy pass, ~20x cheaper on a CPU core than
             # DALI's slice + resize + normalise of the same pixels.
             tensor = owner.padding(batch)
             for i in idx:
@@ -497,20 +507,27 @@ def pillow_letterbox(data: bytes, batch: Batch, i: int, out_dtype=np.float32,
     if batch.tiles is not None:  # a tile: its window of the upright image
         x, y = int(batch.tiles.x[i]), int(batch.tiles.y[i])
         rgb = rgb.crop((x, y, x + int(batch.width[i]), y + int(batch.height[i])))
-    return _letterbox_pixels(np.asarray(rgb), batch, i, out_dtype, norm)
+    return _letterbox_pixels(np.asarray(rgb), batch, i, out_dtype, norm, rgb=True)
 
 
-def _letterbox_pixels(rgb: np.ndarray, batch: Batch, i: int, out_dtype, norm: InputNorm) -> np.ndarray:
+def _letterbox_pixels(pixels: np.ndarray, batch: Batch, i: int, out_dtype, norm: InputNorm,
+                      rgb: bool = False) -> np.ndarray:
     """Item `i`'s upright HWC uint8 pixels into its [3,H,W] letterbox: resized (Pillow, bilinear)
-    when its size changes, placed on the grey pad, normalised as the DALI graph does."""
+    when its size changes, placed on the grey pad, normalised as the DALI graph does. The pixels
+    are in the model's channel order, or RGB with `rgb` (put in the model's order as placed)."""
     lb = batch.letterbox
     h, w = batch.input_hw
     new_w, new_h, top, left = int(lb.new_w[i]), int(lb.new_h[i]), int(lb.top[i]), int(lb.left[i])
-    if rgb.shape[:2] != (new_h, new_w):
-        rgb = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR))
+    if pixels.shape[:2] != (new_h, new_w):
+        pixels = np.asarray(Image.fromarray(pixels).resize((new_w, new_h), Image.BILINEAR))
     canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
-    canvas[top:top + new_h, left:left + new_w] = rgb
+    canvas[top:top + new_h, left:left + new_w] = _in_model_order(pixels, norm) if rgb else pixels
     return normalise(canvas.transpose(2, 0, 1), norm).astype(out_dtype, copy=False)
+
+
+def _in_model_order(rgb: np.ndarray, norm: InputNorm) -> np.ndarray:
+    """HWC RGB pixels in the model's channel order: a view (BGR: the channels reversed), no copy."""
+    return rgb[..., ::-1] if norm.bgr else rgb
 
 
 def pillow_upright(data: bytes) -> Image.Image:
