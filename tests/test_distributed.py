@@ -89,7 +89,11 @@ def test_ray_run_equals_local_run(ray_cluster, dataset, analytic_model, local_ro
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["state"] == "complete" and run_json["totals"]["images"] == 43
     assert run_json["totals"]["fallback_decoded"] == 1  # the GIF, counted by the worker that had it
-    assert len(run_json["ray"]["workers"]) == 2 and run_json["ray"]["redone_shards"] == []
+    # Both workers started; each joins when its model is loaded, so on a busy machine the first
+    # can finish every shard before the second joins: 1 or 2 did the work, never more.
+    ray_info = run_json["ray"]
+    assert ray_info["workers_started"] == 2 and 1 <= len(ray_info["workers"]) <= 2
+    assert all(w["pid"] and w["host"] for w in ray_info["workers"]) and ray_info["redone_shards"] == []
     report = cli("report", out, "--json")
     summary = json.loads(report.output)
     assert summary["images"] == 43 and summary["failed"] == 2 and summary["processed"] == 42

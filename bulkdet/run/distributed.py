@@ -115,16 +115,18 @@ def execute_on_ray(job: RunJob, todo: pa.Table, folder: RunFolder, address: str 
         metrics.add_rows([{k: v + shift if k.endswith(("_start", "_end")) and v is not None else v
                            for k, v in row.items()} for row in result["metrics"]])
 
-    redone, workers_info, device = set(), [], cfg.device
+    redone, workers_info, device, started = set(), [], cfg.device, 0
     with metrics:
         if shards:  # else everything was committed before: nothing for Ray to do
-            redone, workers_info, device = _run_shards(cfg, job, shards, address, workers, collect)
+            redone, workers_info, device, started = _run_shards(cfg, job, shards, address, workers, collect)
     first = workers_info[0] if workers_info else {}
     return ExecResult(metrics.stage_totals(), counts["fallback_decoded"], counts["oom_splits"],
                       {"device": first.get("device", device), "backend": first.get("backend"),
                        "provider": first.get("provider"),
-                       "ray": {"address": address, "workers": workers_info, "shards": len(shards),
-                               "redone_shards": sorted(redone)}})
+                       # `workers`: those that joined (a worker still starting when the last
+                       # shard is given out never does), of `workers_started` asked for.
+                       "ray": {"address": address, "workers_started": started, "workers": workers_info,
+                               "shards": len(shards), "redone_shards": sorted(redone)}})
 
 
 def _wall_time(perf_t: float) -> float:
@@ -153,7 +155,7 @@ def _run_shards(cfg: RunConfig, job: RunJob, shards: dict[int, pa.Table], addres
     finally:
         if started_here:
             ray.shutdown()
-    return redone, list(pool.info.values()), pool.device
+    return redone, list(pool.info.values()), pool.device, len(pool.actors)
 
 
 def split_by_shard(rows: pa.Table) -> dict[int, pa.Table]:
