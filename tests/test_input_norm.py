@@ -244,11 +244,16 @@ def test_bad_values_are_one_error_line(tmp_path, analytic_model, cli, dataset, a
     assert not (tmp_path / "run").exists()
 
 
+def _with_metadata(model_path, dst, **props):
+    """A copy of the model with these metadata entries added (or replaced)."""
+    model = onnx.load(str(model_path))
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
+    onnx.save(model, str(dst))
+    return dst
+
+
 def test_bad_metadata_is_one_error_line(tmp_path, analytic_model, cli, dataset):
-    model = onnx.load(str(analytic_model))
-    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "std": "0.2,0.2"})
-    onnx.save(model, str(tmp_path / "bad.onnx"))
-    r, _ = _run(cli, dataset[0], tmp_path / "bad.onnx", tmp_path / "run")
+    r, _ = _run(cli, dataset[0], _with_metadata(analytic_model, tmp_path / "bad.onnx", std="0.2,0.2"), tmp_path / "run")
     assert r.exit_code == 2
     line = _error_line(r)
     assert "'--model'" in line and "metadata's input normalisation" in line and "std '0.2,0.2'" in line, line
@@ -412,10 +417,8 @@ def test_bad_channels_are_one_error_line(tmp_path, analytic_model, cli, dataset)
     line = _error_line(r)
     assert "'--channels'" in line and "'brg' is not one of" in line, line
     assert not (tmp_path / "run").exists()
-    model = onnx.load(str(analytic_model))
-    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "channels": "bgra"})
-    onnx.save(model, str(tmp_path / "bad.onnx"))
-    r, _ = _run(cli, dataset[0], tmp_path / "bad.onnx", tmp_path / "run")
+    bad = _with_metadata(analytic_model, tmp_path / "bad.onnx", channels="bgra")
+    r, _ = _run(cli, dataset[0], bad, tmp_path / "run")
     assert r.exit_code == 2
     line = _error_line(r)
     assert "'--model'" in line and "channels 'bgra' is not one of rgb, bgr" in line, line
