@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import yaml
 from google.protobuf.message import DecodeError
 
 from bulkdet.choices import Channels, InputScale
@@ -205,7 +204,7 @@ def parse_names(text: str) -> dict[int, str]:
     for parse in (ast.literal_eval, json.loads, _yaml):
         try:
             value = parse(text)
-        except (ValueError, SyntaxError, RecursionError, yaml.YAMLError):
+        except (ValueError, SyntaxError, RecursionError):
             continue
         if isinstance(value, dict) and not all(isinstance(k, int) for k in value):
             value = next((value[k] for k in NAMES_KEYS if isinstance(value.get(k), (dict, list))), value)
@@ -221,7 +220,12 @@ NAMES_KEYS = ("names", "label_list")  # where a YAML file keeps the class names 
 
 def _yaml(text: str):
     """YAML that holds names: a mapping or a list (a plain lines file reads as one string: not taken)."""
-    value = yaml.safe_load(text)
+    import yaml  # here only: most models carry their names otherwise, and the GPU test machine has no PyYAML
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not YAML: {exc}") from None
     if not isinstance(value, (dict, list)):
         raise ValueError("no names in YAML form")
     return value
