@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Everything but the heavy end-to-end tests (kill/resume, Ctrl-C, Ray, Chromium, torch) and the
-# GPU ones: under a minute on 2 cores. `make test` (what CI runs) is the whole suite.
+# GPU ones: under two minutes on 2 cores. `make test` (what CI runs) is the whole suite.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
