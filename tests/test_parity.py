@@ -140,9 +140,10 @@ def test_yolov8_matches_ultralytics_nms(seed):
     same(bulkdet_rows([pred[None]], "yolov8"), ref_ultralytics_nms(pred))
 
 
-def test_yolov5_matches_ultralytics_nms_with_objectness():
+@pytest.mark.parametrize("low", [0.0, -0.3])  # sigmoid objectness (the class found after the threshold), or not
+def test_yolov5_matches_ultralytics_nms_with_objectness(low):
     rng = np.random.default_rng(2)
-    pred = np.concatenate([random_xywh(rng, 600), rng.uniform(0, 1, (600, 1)), rng.uniform(0, 0.8, (600, 4))],
+    pred = np.concatenate([random_xywh(rng, 600), rng.uniform(low, 1, (600, 1)), rng.uniform(0, 0.8, (600, 4))],
                           1).astype(np.float32)
     same(bulkdet_rows([pred[None]], "yolov5"), ref_ultralytics_nms(pred, v5=True))
 

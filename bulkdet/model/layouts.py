@@ -46,7 +46,7 @@ class Candidates:
     `per_box` > 1: every (box, class) pair is a candidate (multi-label, as D-FINE's top-k and
     YOLO-NAS / PP-YOLOE's multiclass NMS): scores [B, N * nc], candidate k is box k // nc of class
     k % nc, class_ids None (never a [B, N * nc] copy of the boxes).
-    `class_scores` [B, nc, N] (yolov8), class_ids None: the best class is found only for the
+    `class_scores` [B, nc, N] (yolov8; yolov5 a view), class_ids None: the best class is found only for the
     candidates kept; the best score of every anchor is a max over contiguous rows, 7x cheaper
     than an argmax across them, which keeps host post-processing off a GPU run's critical path.
     """
@@ -334,7 +334,12 @@ def decode(layout: str, outputs: list[np.ndarray], input_hw: tuple[int, int],
         return Candidates(_xyxy(output[:, :4].transpose(0, 2, 1)), output[:, 4:].max(axis=1), None, None, True,
                           class_scores=output[:, 4:])
     if layout == "yolov5":  # [B, N, 5+nc]: cx, cy, w, h, objectness, class scores
-        return _best_class(_xyxy(output[..., :4]), output[..., 5:] * output[..., 4:5], True)
+        objectness, cls = output[..., 4], output[..., 5:]
+        if objectness.size and objectness.min() >= 0:  # (sigmoid outputs) the best product is at the best class:
+            # no [B, N, nc] product, and the class found only for the candidates kept (5x cheaper)
+            return Candidates(_xyxy(output[..., :4]), objectness * cls.max(-1), None, None, True,
+                              class_scores=cls.transpose(0, 2, 1))
+        return _best_class(_xyxy(output[..., :4]), cls * objectness[..., None], True)
     if layout == "detr":  # [B, Q, 4+nc]: normalised cx, cy, w, h, class probabilities
         return _best_class(_xyxy(output[..., :4] * _scale(input_hw)), output[..., 4:], False)
     if layout == "end2end":  # [B, K, 6]: x1, y1, x2, y2, score, class
