@@ -140,6 +140,14 @@ def _mixed_options(decoder_device: str, hw_decoder_load: float | None) -> dict:
     return {"hw_decoder_load": hw_decoder_load}
 
 
+def _pipe_options(decoder) -> dict:
+    """How every decoder's DALI pipeline runs: its batch, threads and device; synchronous, one
+    batch at a time (the run's stages overlap the work, not DALI's prefetching)."""
+    return dict(batch_size=decoder.max_batch, num_threads=decoder.num_threads,
+                device_id=decoder.device_id if decoder.device == "gpu" else None,
+                prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+
+
 class Decoder:
     """Decodes whole batches; when DALI rejects a batch, isolates the bad images."""
 
@@ -161,11 +169,7 @@ class Decoder:
         pipe = _letterbox_graph(
             decoder_device="mixed" if self.device == "gpu" else "cpu",
             out_dtype=_DALI_DTYPES[np.dtype(self.out_dtype).type], norm=self.norm,
-            hw_decoder_load=self.hw_decoder_load,
-            batch_size=self.max_batch, num_threads=self.num_threads,
-            device_id=self.device_id if self.device == "gpu" else None,
-            prefetch_queue_depth=1, exec_async=False, exec_pipelined=False,
-        )
+            hw_decoder_load=self.hw_decoder_load, **_pipe_options(self))
         pipe.build()
         return pipe
 
@@ -252,9 +256,7 @@ class TileDecoder:
 
     def _build(self) -> None:
         o = self.owner
-        common = dict(batch_size=o.max_batch, num_threads=o.num_threads,
-                      device_id=o.device_id if o.device == "gpu" else None,
-                      prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        common = _pipe_options(o)
         self.regions_pipe = _region_graph(decoder_device="mixed" if o.device == "gpu" else "cpu",
                                           output_type=_decoded_type(o.norm), hw_decoder_load=o.hw_decoder_load,
                                           **common)
@@ -304,8 +306,8 @@ class TileDecoder:
         for first in sorted(errors):  # what DALI rejects gets a second chance on the CPU decoder
             items, window = by_first[first]
             try:  # in the model's channel order, as DALI decodes the windows (the copy swaps them)
-                regions[first] = np.ascontiguousarray(_in_model_order(np.asarray(pillow_upright(encoded[first]))[
-                    window[1]:window[3], window[0]:window[2]], self.owner.norm))
+                pixels = pillow_pixels(encoded[first], self.owner.norm)
+                regions[first] = np.ascontiguousarray(pixels[window[1]:window[3], window[0]:window[2]])
             except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
                 errors[first] = f"dali: {errors[first]}; pillow: {_pillow_message(exc)}"[:500]
             else:
@@ -329,8 +331,8 @@ class TileDecoder:
         if owner.device == "cpu" and all(lb.new_w[i] == batch.width[i] and lb.new_h[i] == batch.height[i]
                                          for i in idx):
             # Every tile keeps its size (`--tile` = the input size): each is a view of its decoded
-            # window (in the model's channel order already), placed and normalised in one numpy pass, ~20x cheaper on a CPU core than
-            # DALI's slice + resize + normalise of the same pixels.
+            # window (in the model's channel order already), placed and normalised in one numpy
+            # pass, ~20x cheaper on a CPU core than DALI's slice + resize + normalise of it.
             tensor = owner.padding(batch)
             for i in idx:
                 first, window = image_of[i]
@@ -396,10 +398,7 @@ class CropDecoder:
         self.pipe = self._build()
 
     def _build(self):
-        pipe = _crop_graph(decoder_device="mixed" if self.device == "gpu" else "cpu",
-                           batch_size=self.max_batch, num_threads=self.num_threads,
-                           device_id=self.device_id if self.device == "gpu" else None,
-                           prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        pipe = _crop_graph(decoder_device="mixed" if self.device == "gpu" else "cpu", **_pipe_options(self))
         pipe.build()
         return pipe
 
@@ -503,30 +502,31 @@ def pillow_letterbox(data: bytes, batch: Batch, i: int, out_dtype=np.float32,
     Pixel values can differ slightly from DALI's (another resampler); geometry is identical,
     so boxes map back the same way.
     """
-    rgb = pillow_upright(data)
+    pixels = pillow_pixels(data, norm)
     if batch.tiles is not None:  # a tile: its window of the upright image
         x, y = int(batch.tiles.x[i]), int(batch.tiles.y[i])
-        rgb = rgb.crop((x, y, x + int(batch.width[i]), y + int(batch.height[i])))
-    return _letterbox_pixels(np.asarray(rgb), batch, i, out_dtype, norm, rgb=True)
+        pixels = pixels[y:y + int(batch.height[i]), x:x + int(batch.width[i])]
+    return _letterbox_pixels(pixels, batch, i, out_dtype, norm)
 
 
-def _letterbox_pixels(pixels: np.ndarray, batch: Batch, i: int, out_dtype, norm: InputNorm,
-                      rgb: bool = False) -> np.ndarray:
-    """Item `i`'s upright HWC uint8 pixels into its [3,H,W] letterbox: resized (Pillow, bilinear)
-    when its size changes, placed on the grey pad, normalised as the DALI graph does. The pixels
-    are in the model's channel order, or RGB with `rgb` (put in the model's order as placed)."""
+def _letterbox_pixels(pixels: np.ndarray, batch: Batch, i: int, out_dtype, norm: InputNorm) -> np.ndarray:
+    """Item `i`'s upright HWC uint8 pixels (in the model's channel order) into its [3,H,W]
+    letterbox: resized (Pillow, bilinear) when its size changes, placed on the grey pad,
+    normalised as the DALI graph does."""
     lb = batch.letterbox
     h, w = batch.input_hw
     new_w, new_h, top, left = int(lb.new_w[i]), int(lb.new_h[i]), int(lb.top[i]), int(lb.left[i])
     if pixels.shape[:2] != (new_h, new_w):
         pixels = np.asarray(Image.fromarray(pixels).resize((new_w, new_h), Image.BILINEAR))
     canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
-    canvas[top:top + new_h, left:left + new_w] = _in_model_order(pixels, norm) if rgb else pixels
+    canvas[top:top + new_h, left:left + new_w] = pixels
     return normalise(canvas.transpose(2, 0, 1), norm).astype(out_dtype, copy=False)
 
 
-def _in_model_order(rgb: np.ndarray, norm: InputNorm) -> np.ndarray:
-    """HWC RGB pixels in the model's channel order: a view (BGR: the channels reversed), no copy."""
+def pillow_pixels(data: bytes, norm: InputNorm) -> np.ndarray:
+    """`data` decoded by Pillow (`pillow_upright`) as HWC uint8 in the model's channel order, as
+    DALI's decoders write it (BGR: a view with the channels reversed, no copy)."""
+    rgb = np.asarray(pillow_upright(data))
     return rgb[..., ::-1] if norm.bgr else rgb
 
 
