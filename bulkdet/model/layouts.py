@@ -46,9 +46,10 @@ class Candidates:
     `per_box` > 1: every (box, class) pair is a candidate (multi-label, as D-FINE's top-k and
     YOLO-NAS / PP-YOLOE's multiclass NMS): scores [B, N * nc], candidate k is box k // nc of class
     k % nc, class_ids None (never a [B, N * nc] copy of the boxes).
-    `class_scores` [B, nc, N] (yolov8; yolov5 a view), class_ids None: the best class is found only for the
-    candidates kept; the best score of every anchor is a max over contiguous rows, 7x cheaper
-    than an argmax across them, which keeps host post-processing off a GPU run's critical path.
+    `class_scores` [B, nc, N] (each box's best class, `_best_class`), class_ids None: the class is
+    found only for the candidates kept; every box's best score is a max over the classes, several
+    times cheaper than an argmax over all of them, which keeps host post-processing off a GPU
+    run's critical path.
     """
 
     boxes: np.ndarray
@@ -331,15 +332,13 @@ def decode(layout: str, outputs: list[np.ndarray], input_hw: tuple[int, int],
         raise LayoutError(f"layout {layout} has one output, the model has {describe(specs)}")
     output = _f32(outputs[0])
     if layout == "yolov8":  # [B, 4+nc, N]: cx, cy, w, h, class scores
-        return Candidates(_xyxy(output[:, :4].transpose(0, 2, 1)), output[:, 4:].max(axis=1), None, None, True,
-                          class_scores=output[:, 4:])
+        pred = output.transpose(0, 2, 1)
+        return _best_class(_xyxy(pred[..., :4]), pred[..., 4:], True)
     if layout == "yolov5":  # [B, N, 5+nc]: cx, cy, w, h, objectness, class scores
-        objectness, cls = output[..., 4], output[..., 5:]
-        if objectness.size and objectness.min() >= 0:  # (sigmoid outputs) the best product is at the best class:
-            # no [B, N, nc] product, and the class found only for the candidates kept (5x cheaper)
-            return Candidates(_xyxy(output[..., :4]), objectness * cls.max(-1), None, None, True,
-                              class_scores=cls.transpose(0, 2, 1))
-        return _best_class(_xyxy(output[..., :4]), cls * objectness[..., None], True)
+        objectness, cls = output[..., 4:5], output[..., 5:]
+        if objectness.size and objectness.min() >= 0:  # (sigmoid outputs) the best product is at the best
+            return _best_class(_xyxy(output[..., :4]), cls, True, weight=objectness[..., 0])  # class: no product
+        return _best_class(_xyxy(output[..., :4]), cls * objectness, True)
     if layout == "detr":  # [B, Q, 4+nc]: normalised cx, cy, w, h, class probabilities
         return _best_class(_xyxy(output[..., :4] * _scale(input_hw)), output[..., 4:], False)
     if layout == "end2end":  # [B, K, 6]: x1, y1, x2, y2, score, class
@@ -360,7 +359,10 @@ def _xyxy(xywh: np.ndarray) -> np.ndarray:
     return np.concatenate([xywh[..., :2] - xywh[..., 2:] / 2, xywh[..., :2] + xywh[..., 2:] / 2], axis=-1)
 
 
-def _best_class(boxes: np.ndarray, cls_scores: np.ndarray, needs_nms: bool) -> Candidates:
-    class_ids = cls_scores.argmax(-1)
-    scores = np.take_along_axis(cls_scores, class_ids[..., None], -1)[..., 0]
-    return Candidates(boxes, scores, class_ids, None, needs_nms)
+def _best_class(boxes: np.ndarray, cls_scores: np.ndarray, needs_nms: bool,
+                weight: np.ndarray | None = None) -> Candidates:
+    """Each box's best class of `cls_scores` [B, N, nc] (a view will do), its score times `weight`
+    [B, N] (objectness, >= 0) if given. The class itself is found only for the candidates kept."""
+    scores = cls_scores.max(-1)
+    return Candidates(boxes, scores if weight is None else weight * scores, None, None, needs_nms,
+                      class_scores=cls_scores.transpose(0, 2, 1))
