@@ -39,10 +39,10 @@ import onnxruntime as ort
 
 from benchmarks.dataset import jpeg_folder, make_photos
 from benchmarks.run import measure_process
-from bulkdet.choices import MAX_DET
+from bulkdet.choices import MAX_DET, TileMatch
 from bulkdet.ingest.pack import pack
 from bulkdet.results.report import summarize
-from bulkdet.run.tiles import windows
+from bulkdet.run.tiles import overlap_matrix, windows
 from bulkdet.store.parts import read_detections
 from bulkdet.synthetic import Rect, build_analytic_detector, write_image
 
@@ -112,16 +112,6 @@ def _by_class(dets: list[dict]) -> dict:
     return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
 
 
-def _overlap(a: np.ndarray, b: np.ndarray, over: str) -> np.ndarray:
-    """Pairwise IoU or IoS (intersection over the smaller box) of two box arrays."""
-    inter = np.prod(np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]),
-                            0, None), axis=2)
-    area_a, area_b = np.prod(a[:, 2:] - a[:, :2], axis=1), np.prod(b[:, 2:] - b[:, :2], axis=1)
-    if over == "ios":
-        return inter / np.maximum(np.minimum(area_a[:, None], area_b[None, :]), 1e-9)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
 def agreement(ours: list[dict], theirs: list[dict], iou: float = 0.9) -> dict:
     """The two ran the same model on the same tiles: how many of each one's boxes the other has
     (same image and class, IoU >= iou), and how many boxes each left that still match another of
@@ -129,12 +119,12 @@ def agreement(ours: list[dict], theirs: list[dict], iou: float = 0.9) -> dict:
     a, b = _by_class(ours), _by_class(theirs)
 
     def found(x: dict, y: dict) -> int:
-        return sum(int((_overlap(boxes, y[k], "iou") >= iou).any(axis=1).sum()) for k, boxes in x.items() if k in y)
+        return sum(int((overlap_matrix(boxes, y[k], TileMatch.IOU) >= iou).any(axis=1).sum()) for k, boxes in x.items() if k in y)
 
     def unmerged(x: dict) -> int:
         n = 0
         for boxes in x.values():
-            m = _overlap(boxes, boxes, "ios") > 0.5
+            m = overlap_matrix(boxes, boxes, TileMatch.IOS) > 0.5
             np.fill_diagonal(m, False)
             n += int(m.any(axis=1).sum())
         return n
